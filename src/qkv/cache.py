@@ -1,0 +1,88 @@
+"""KV cache: preallocated per-layer key/value buffers written in place at the current slots.
+
+Full-attention layers keep `[B, n_kv, max_len, head_dim]`; sliding-window layers keep a ring of
+`window` slots (slot s lives at index s % window), so memory stays bounded however long the
+generation runs. Encoder-decoder models also keep the cross-attention keys/values, computed once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkv.config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Keys/values of every layer for `batch_size` sequences of at most `max_len` slots."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        n_layers: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None
+        n_layers = n_layers or (cfg.n_decoder_layers if cfg.family == "seq2seq" else cfg.n_layers)
+        size = self.window or max_len
+        shape = (batch_size, cfg.n_kv_heads, size, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        # Absolute slot held at each ring index (-1: empty); only used for sliding-window layers.
+        self.ring_slots = torch.full((size,), -1, dtype=torch.long, device=device) if self.window else None
+        self.pos = 0  # slots written so far
+        self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def key_slots(self, n_new: int) -> torch.Tensor:
+        """Absolute slot of each key that `update` will return for `n_new` new tokens: [S]."""
+        device = self.k[0].device
+        new = torch.arange(self.pos, self.pos + n_new, device=device)
+        if self.window:
+            return torch.cat((self.ring_slots, new))
+        return torch.arange(self.pos + n_new, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, KV, T, hd] for the next T slots; return all keys/values to attend to."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions but {self.pos + T} are needed; "
+                "allocate a larger cache (max_len) or generate fewer tokens"
+            )
+        kb, vb = self.k[layer], self.v[layer]
+        if not self.window:
+            kb[:, :, self.pos : self.pos + T] = k
+            vb[:, :, self.pos : self.pos + T] = v
+            return kb[:, :, : self.pos + T], vb[:, :, : self.pos + T]
+        k_all, v_all = torch.cat((kb, k), dim=2), torch.cat((vb, v), dim=2)  # (B, KV, W + T, hd)
+        keep = min(T, self.window)  # only the newest `window` slots can ever be seen again
+        idx = torch.arange(self.pos + T - keep, self.pos + T, device=k.device) % self.window
+        kb.index_copy_(2, idx, k[:, :, T - keep :])
+        vb.index_copy_(2, idx, v[:, :, T - keep :])
+        return k_all, v_all
+
+    def advance(self, n_new: int) -> None:
+        """Mark `n_new` slots as written (called once per forward, after every layer updated)."""
+        if self.window:
+            keep = min(n_new, self.window)
+            slots = torch.arange(self.pos + n_new - keep, self.pos + n_new, device=self.ring_slots.device)
+            self.ring_slots[slots % self.window] = slots
+        self.pos += n_new
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/reorder sequences along the batch (beam search): row i becomes row index[i]."""
+        for buffers in (self.k, self.v):
+            for i, buf in enumerate(buffers):
+                buffers[i] = buf.index_select(0, index)
+        self.cross_kv = {
+            layer: (k.index_select(0, index), v.index_select(0, index)) for layer, (k, v) in self.cross_kv.items()
+        }

@@ -1,0 +1,106 @@
+"""Apply a key map: foreign state dict <-> qkv state dict, with clear errors for any mismatch."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+
+from qkv.checkpoints.keymaps import IGNORED_SUFFIXES, KeyRule
+from qkv.errors import CheckpointError
+
+
+def _expand(rules: tuple[KeyRule, ...], n_layers: int) -> list[KeyRule]:
+    out = []
+    for rule in rules:
+        if "{i}" in rule.target:
+            for i in range(n_layers):
+                out.append(KeyRule(rule.target.format(i=i), tuple(s.format(i=i) for s in rule.sources), rule.transform))
+        else:
+            out.append(rule)
+    return out
+
+
+def _transform(t: torch.Tensor, transform: str) -> torch.Tensor:
+    if transform == "transpose":
+        return t.t()
+    if transform == "none":
+        return t
+    raise ValueError(f"unknown key-map transform {transform!r}")
+
+
+def to_qkv_state_dict(
+    source: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
+    source_names: set[str],
+    rules: tuple[KeyRule, ...],
+    expected: Mapping[str, tuple[int, ...]],
+    n_layers: int,
+    origin: str = "checkpoint",
+    tied: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """Build qkv's state dict from a foreign one.
+
+    source: the foreign tensors (a mapping, or a function name -> tensor for lazy/mmap reads).
+    expected: qkv tensor name -> shape the model wants. `tied` names targets that may be absent
+    (tied to another tensor). Raises CheckpointError naming `origin` for missing, unexpected or
+    wrongly shaped tensors.
+    """
+    get = source.__getitem__ if isinstance(source, Mapping) else source
+    by_target = {r.target: r for r in _expand(rules, n_layers)}
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    for name, shape in expected.items():
+        rule = by_target.get(name)
+        if rule is None or not all(s in source_names for s in rule.sources):
+            if name not in tied:
+                missing.append(rule.sources[0] if rule else name)
+            continue
+        parts = [_transform(get(s), rule.transform) for s in rule.sources]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{origin}: tensor {' + '.join(rule.sources)} has shape {tuple(tensor.shape)} after mapping "
+                f"to {name}, but the config implies {tuple(shape)}; the weights do not match config.json"
+            )
+        out[name] = tensor
+        used.update(rule.sources)
+    if missing:
+        raise CheckpointError(
+            f"{origin}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} in all); the file is incomplete or belongs to a different architecture"
+        )
+    unexpected = sorted(n for n in source_names - used if not n.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise CheckpointError(
+            f"{origin}: unexpected tensor(s) {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} "
+            f"({len(unexpected)} in all); the checkpoint has weights this configuration does not use"
+        )
+    return out
+
+
+def from_qkv_state_dict(
+    state: Mapping[str, torch.Tensor],
+    rules: tuple[KeyRule, ...],
+    n_layers: int,
+    split_sizes: Mapping[str, tuple[int, ...]],
+) -> dict[str, torch.Tensor]:
+    """The inverse map, for export: qkv tensors -> foreign names.
+
+    split_sizes: for a fused target (several sources), the dim-0 size of each source, keyed by the
+    rule's target pattern suffix (e.g. "attn.qkv_proj.weight").
+    """
+    out: dict[str, torch.Tensor] = {}
+    for rule in _expand(rules, n_layers):
+        if rule.target not in state:
+            continue
+        tensor = state[rule.target]
+        if len(rule.sources) == 1:
+            parts = [tensor]
+        else:
+            key = re.sub(r"^blocks\.\d+\.", "", rule.target)
+            parts = list(tensor.split(list(split_sizes[key]), dim=0))
+        for src, part in zip(rule.sources, parts, strict=True):
+            out[src] = _transform(part, rule.transform).contiguous()
+    return out

@@ -1,0 +1,140 @@
+"""Hugging Face `config.json` -> `ModelConfig`, per `model_type`, as data.
+
+`HF_FAMILIES` says, for each supported model_type, which HF field feeds which qkv field and
+which layer types the family fixes. Older (4.x) and newer (5.x) spellings of RoPE settings are
+both read: top-level `rope_theta`/`rope_scaling`, or `rope_parameters`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkv.config import ModelConfig
+from qkv.errors import CheckpointError
+
+_LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "d_ff": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+    "tie_embeddings": "tie_word_embeddings",
+    "mlp_bias": "mlp_bias",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+_LLAMA_FIXED = dict(family="decoder", norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=False)
+
+HF_FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "fields": {
+            "vocab_size": "vocab_size",
+            "d_model": "n_embd",
+            "n_layers": "n_layer",
+            "n_heads": "n_head",
+            "d_ff": "n_inner",
+            "norm_eps": "layer_norm_epsilon",
+            "max_seq_len": "n_positions",
+            "tie_embeddings": "tie_word_embeddings",
+            "bos_token_id": "bos_token_id",
+            "eos_token_id": "eos_token_id",
+            "pad_token_id": "pad_token_id",
+        },
+        "fixed": dict(
+            family="decoder",
+            norm="layernorm",
+            position="learned",
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            tie_embeddings=True,
+            mlp="gelu_tanh",
+            norm_eps=1e-5,
+        ),
+        "activation": "activation_function",
+        "unsupported_true": ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
+    },
+    "llama": {
+        "fields": {**_LLAMA_FIELDS, "qkv_bias": "attention_bias", "attn_out_bias": "attention_bias"},
+        "fixed": _LLAMA_FIXED,
+        "activation": "hidden_act",
+    },
+    "mistral": {
+        "fields": {**_LLAMA_FIELDS, "sliding_window": "sliding_window"},
+        "fixed": _LLAMA_FIXED,
+        "activation": "hidden_act",
+    },
+    "qwen2": {
+        "fields": _LLAMA_FIELDS,
+        "fixed": {**_LLAMA_FIXED, "qkv_bias": True},
+        "activation": "hidden_act",
+    },
+}
+
+# HF activation names -> qkv `mlp` for plain and gated families.
+_PLAIN_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
+    params = hf.get("rope_parameters") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    scaling = dict(hf.get("rope_scaling") or params)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    scaling.pop("rope_theta", None)
+    scaling.pop("rope_type", None)
+    scaling["type"] = kind
+    return theta, scaling
+
+
+def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConfig:
+    """Translate a HF config dict into a `ModelConfig`; CheckpointError names what is wrong."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{origin}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise CheckpointError(
+            f"{origin}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(HF_FAMILIES))}"
+        )
+    family = HF_FAMILIES[model_type]
+    for flag in family.get("unsupported_true", ()):
+        if hf.get(flag):
+            raise CheckpointError(f"{origin}: {flag}=true is not supported by qkv's {model_type} implementation")
+    values: dict[str, Any] = dict(family["fixed"])
+    for ours, theirs in family["fields"].items():
+        if hf.get(theirs) is not None:
+            values[ours] = hf[theirs]
+    for required in ("vocab_size", "d_model", "n_layers", "n_heads"):
+        if required not in values:
+            name = family["fields"][required]
+            raise CheckpointError(f"{origin}: missing required field {name!r} for model_type {model_type!r}")
+    act = hf.get(family["activation"])
+    if act is not None:
+        table = _GATED_ACTS if values["mlp"] in ("swiglu", "geglu", "geglu_tanh") else _PLAIN_ACTS
+        if act not in table:
+            raise CheckpointError(f"{origin}: activation {act!r} is not supported; supported: {', '.join(table)}")
+        values["mlp"] = table[act]
+    if values.get("position") == "rope":
+        theta, scaling = _rope(hf)
+        if theta is not None:
+            values["rope_theta"] = float(theta)
+        if scaling is not None:
+            values["rope_scaling"] = scaling
+        if hf.get("partial_rotary_factor") is not None:
+            values["partial_rotary_factor"] = float(hf["partial_rotary_factor"])
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise CheckpointError(f"{origin}: Qwen2 per-layer sliding windows (use_sliding_window=true) are not supported")
+    if model_type == "gpt2" and hf.get("scale_attn_weights") is False:
+        values["attn_scale"] = 1.0
+    values["extra"] = {"hf_model_type": model_type}
+    try:
+        return ModelConfig(**values)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{origin}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""The `qkv` command: one module per subcommand, each a thin layer over the library."""

@@ -1,0 +1,207 @@
+"""`ModelConfig`: one typed description of every model qkv builds, plus validation.
+
+Per-family differences are data: a preset is a dict of overrides (see `qkv.presets`), and a
+checkpoint loader maps a foreign config onto these fields. Derived fields (`head_dim`,
+`n_kv_heads`, `d_ff`) are filled in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("decoder", "encoder", "seq2seq", "vit")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
+ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
+ATTN_BACKENDS = ("sdpa", "eager")
+
+# Keys each RoPE scaling type needs beyond `factor` (HF `rope_scaling` / `rope_parameters` names).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter of a qkv model. Construct directly, via `from_name`, or from a checkpoint."""
+
+    family: str = "decoder"
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None -> n_heads (MHA); 1 -> MQA; otherwise GQA
+    head_dim: int | None = None  # None -> d_model // n_heads
+    d_ff: int | None = None  # None -> 4 * d_model
+    n_decoder_layers: int | None = None  # seq2seq only; None -> n_layers
+    # Layer types
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    mlp: str = "gelu"
+    position: str = "learned"
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ..}
+    partial_rotary_factor: float = 1.0
+    sliding_window: int | None = None  # attend to the last `sliding_window` positions (incl. self)
+    attn_scale: float | None = None  # None -> 1/sqrt(head_dim); T5 uses 1.0
+    attn_backend: str = "sdpa"
+    # Biases and tying
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm only; RMSNorm has no bias
+    tie_embeddings: bool = True
+    # Regularisation (active in train mode only)
+    dropout: float = 0.0  # embeddings and residual branches
+    attn_dropout: float = 0.0
+    # Embeddings
+    type_vocab_size: int = 0  # BERT token types
+    embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    # Special tokens (defaults for generation; tokenizers carry their own)
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # Vision
+    image_size: int | None = None
+    patch_size: int | None = None
+    n_channels: int = 3
+    # Free-form provenance (e.g. the HF model_type this came from); not used by the model.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        _choice("family", self.family, FAMILIES)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            _positive(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            set_(self, "n_kv_heads", self.n_heads)
+        _positive("n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
+                "(grouped-query attention shares each key/value head among n_heads/n_kv_heads query heads)"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "set head_dim explicitly"
+                )
+            set_(self, "head_dim", self.d_model // self.n_heads)
+        _positive("head_dim", self.head_dim)
+        if self.d_ff is None:
+            set_(self, "d_ff", 4 * self.d_model)
+        _positive("d_ff", self.d_ff)
+        if self.n_decoder_layers is None:
+            set_(self, "n_decoder_layers", self.n_layers)
+        _choice("norm", self.norm, NORMS)
+        _choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _choice("mlp", self.mlp, MLPS)
+        _choice("position", self.position, POSITIONS)
+        _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if self.sliding_window is not None:
+            _positive("sliding_window", self.sliding_window)
+        if self.position == "rope":
+            if self.rope_theta <= 0:
+                raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0")
+            if not 0.0 < self.partial_rotary_factor <= 1.0:
+                raise ValueError("ModelConfig.partial_rotary_factor must be in (0, 1]")
+            if int(self.head_dim * self.partial_rotary_factor) % 2:
+                raise ValueError("ModelConfig: the rotary dimension (head_dim * partial_rotary_factor) must be even")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+        if self.family == "vit":
+            for name in ("image_size", "patch_size"):
+                _positive(name, getattr(self, name))
+
+    def _check_rope_scaling(self) -> None:
+        scaling = dict(self.rope_scaling)
+        kind = scaling.get("type", scaling.get("rope_type"))
+        if kind in (None, "default"):
+            object.__setattr__(self, "rope_scaling", None)
+            return
+        _choice("rope_scaling['type']", kind, ROPE_SCALINGS)
+        missing = [k for k in ROPE_SCALING_KEYS[kind] if scaling.get(k) is None]
+        if kind == "yarn" and "original_max_position_embeddings" in missing:
+            missing.remove("original_max_position_embeddings")
+            scaling["original_max_position_embeddings"] = self.max_seq_len
+        if missing:
+            raise ValueError(f"ModelConfig.rope_scaling of type {kind!r} needs {', '.join(missing)}")
+        if kind != "yarn" and float(scaling["factor"]) < 1.0:
+            raise ValueError(f"ModelConfig.rope_scaling['factor']={scaling['factor']} must be >= 1")
+        scaling["type"] = kind
+        scaling.pop("rope_type", None)
+        object.__setattr__(self, "rope_scaling", scaling)
+
+    # -- derived --------------------------------------------------------------------------------
+    @property
+    def gated_mlp(self) -> bool:
+        """True for SwiGLU/GeGLU: the MLP has a gate projection."""
+        return self.mlp in ("swiglu", "geglu", "geglu_tanh")
+
+    @property
+    def context_limit(self) -> int | None:
+        """Longest sequence the model accepts; None when dynamic NTK RoPE extends it without bound."""
+        if (self.rope_scaling or {}).get("type") == "dynamic":
+            return None
+        return self.max_seq_len
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many features of each head RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (exact name), with fields overridden by keyword."""
+        from qkv.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that `from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

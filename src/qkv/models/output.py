@@ -1,0 +1,19 @@
+"""The one output type every qkv model returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns; fields a model does not compute stay None."""
+
+    last_hidden_state: torch.Tensor  # [B, T, D]
+    logits: torch.Tensor | None = None  # [B, T, V] (LM heads) or [B, C] (classification)
+    loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
+    attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
+    cross_attentions: tuple[torch.Tensor, ...] | None = None

@@ -1,0 +1,148 @@
+"""Multi-head attention: MHA, MQA and GQA; self and cross; `sdpa` and `eager` backends.
+
+Backends are plain functions chosen by name. `sdpa` is PyTorch's fused kernel (memory-efficient,
+the default); `eager` is the explicit softmax(QK^T * scale + bias) V of Vaswani et al. 2017 §3.2.1
+and the one that can return the attention weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkv.config import ModelConfig
+from qkv.nn.mask import AttentionMask
+from qkv.nn.position import apply_rotary
+
+if TYPE_CHECKING:
+    from qkv.cache import KVCache
+
+
+def _eager(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_weights: bool):
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: each kv head serves n_rep query heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, S)
+    if mask.bias is not None:
+        scores = scores + mask.bias
+    if mask.is_causal:
+        T, S = scores.shape[-2:]
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, (weights if need_weights else None)
+
+
+def _sdpa(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_weights: bool):
+    bias = mask.bias.to(q.dtype) if mask.bias is not None else None
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=mask.is_causal, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )  # fmt: skip
+    return out, None
+
+
+BACKENDS: dict[str, Callable] = {"sdpa": _sdpa, "eager": _eager}
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask | None = None,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "sdpa",
+    need_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over q: [B, H, T, hd], k/v: [B, KV, S, hd] (KV divides H) -> ([B, H, T, hd], weights).
+
+    `need_weights=True` always uses the eager backend and returns weights [B, H, T, S].
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    fn = BACKENDS["eager" if need_weights else backend]
+    return fn(q, k, v, mask or AttentionMask(None), scale, dropout_p, need_weights)
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward state every attention layer reads: masks by layer kind, RoPE tables, cache."""
+
+    masks: dict[str, AttentionMask] = field(default_factory=dict)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    cache: KVCache | None = None
+    need_weights: bool = False
+
+
+class Attention(nn.Module):
+    """Q/K/V projections, optional RoPE, a backend, and the output projection.
+
+    Self-attention keeps Q, K and V in one fused projection `qkv_proj` (one matmul per token);
+    cross-attention has `q_proj` on the decoder stream and a fused `kv_proj` on the context.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, cross: bool = False, causal: bool = True) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cross = cross
+        self.causal = causal and not cross
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.backend = cfg.attn_backend
+        self.attn_dropout = cfg.attn_dropout
+        self.use_rope = cfg.position == "rope" and not cross
+        self.kind = "sliding" if cfg.sliding_window and not cross else "full"
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        if cross:
+            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, hd)
+
+    def forward(
+        self, x: torch.Tensor, inputs: AttentionInputs, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, D] (context: [B, S, D] for cross-attention) -> ([B, T, D], weights or None)."""
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        cache = inputs.cache
+        if self.cross:
+            q = self._heads(self.q_proj(x), self.n_heads)
+            kv = cache.cross_kv.get(self.layer_idx) if cache is not None else None
+            if kv is None:
+                k, v = self.kv_proj(context).split(kv_dim, dim=-1)
+                kv = (self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads))
+                if cache is not None:
+                    cache.cross_kv[self.layer_idx] = kv
+            k, v = kv
+        else:
+            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if self.use_rope:
+                cos, sin = inputs.rope
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
+        mask = inputs.masks.get("cross" if self.cross else self.kind)
+        out, weights = scaled_dot_product_attention(
+            q, k, v, mask, scale=self.scale, dropout_p=self.attn_dropout if self.training else 0.0,
+            backend=self.backend, need_weights=inputs.need_weights,
+        )  # fmt: skip
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, q_dim)), weights

@@ -1,0 +1,76 @@
+"""Attention masks, built once per forward and shared by every layer of the same kind.
+
+A mask is described by *slots*: the absolute index of each query and key in the sequence the
+model has seen so far (with a KV cache, keys include earlier steps; a sliding-window ring holds
+keys out of order, and unfilled ring slots are -1). From slots, a padding mask and an optional
+position bias (ALiBi, T5) we build one additive float mask, or none at all when a fused kernel
+can do without one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """What every layer of one kind needs: an additive bias [B|1, H|1, T, S] and/or a causal flag.
+
+    `bias is None and not is_causal` means every query sees every key.
+    """
+
+    bias: torch.Tensor | None
+    is_causal: bool = False
+
+
+def build_attention_mask(
+    q_slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    *,
+    causal: bool,
+    attention_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    position_bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> AttentionMask:
+    """Combine causal, padding, sliding-window masks and a position bias into one `AttentionMask`.
+
+    q_slots: [T] and k_slots: [S] absolute positions (-1 marks an empty key slot).
+    attention_mask: [B, L] of 1 (attend) / 0 (padding) over absolute slots, L > max(k_slots).
+    window: a query at slot i sees keys j with i - window < j <= i (HF/Mistral convention).
+    position_bias: additive [B|1, H, T, S] (ALiBi, T5 relative buckets).
+    """
+    T, S = q_slots.numel(), k_slots.numel()
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    needs_window = window is not None and bool((q_slots.max() - k_slots.clamp(min=0).min()) >= window)
+    empty_slots = bool((k_slots < 0).any())
+    if not padded and not needs_window and not empty_slots and position_bias is None:
+        if not causal:
+            return AttentionMask(None)
+        if T == S and torch.equal(q_slots, k_slots):
+            return AttentionMask(None, is_causal=True)
+        if bool((k_slots <= q_slots.min()).all()):
+            return AttentionMask(None)  # e.g. one new token after a cache: it sees everything
+    allowed = (k_slots >= 0)[None, :].expand(T, S)
+    if causal:
+        allowed = allowed & (k_slots[None, :] <= q_slots[:, None])
+    if window is not None:
+        allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if padded:
+        keep = attention_mask.bool().gather(1, k_slots.clamp(min=0)[None, :].expand(attention_mask.shape[0], S))
+        allowed = allowed & keep[:, None, None, :]  # (B, 1, T, S)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_slots.device)
+    # finfo.min rather than -inf: a fully masked row (a padding query) then stays finite.
+    bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)
+    return AttentionMask(bias)
+
+
+def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
+    """ALiBi (Press et al. 2022): -slope_h * (i - j), as an additive bias [1, H, T, S]."""
+    distance = (q_slots[:, None] - k_slots[None, :]).clamp(min=0).float()
+    return -(slopes[:, None, None] * distance)[None]

@@ -1,0 +1,147 @@
+"""Position information: sinusoidal tables, rotary embeddings (with scaling) and ALiBi slopes.
+
+Learned absolute positions are a plain `nn.Embedding` owned by the model; T5's relative bias
+lives with the attention bias code of the encoder-decoder family.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qkv.config import ModelConfig
+
+
+def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """[n_positions, dim] table of Vaswani et al. 2017 §3.5.
+
+    PE(pos, 2i) = sin(pos / base^(2i/dim)), PE(pos, 2i+1) = cos(pos / base^(2i/dim)).
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table.float()
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes (Press et al. 2022 §3): a geometric sequence starting at 2^(-8/n).
+
+    For a head count that is not a power of two, the slopes of the closest lower power of two are
+    followed by every other slope of the next power of two, as in the paper's reference code.
+    """
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_two(n_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of RoPE (Su et al. 2021) and the cos/sin scale, with `cfg.rope_scaling`.
+
+    Scalings: linear position interpolation (Chen et al. 2023), dynamic NTK (bloc97/emozilla;
+    depends on the current `seq_len`), Llama 3.1 frequency-band smoothing, and YaRN (Peng et al.
+    2023, incl. its attention temperature). Formulas follow the HF reference implementations.
+    """
+    dim = cfg.rotary_dim
+    base = cfg.rope_theta
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("type")
+    factor = scaling.get("factor")
+    if kind is None:
+        return 1.0 / base**exponents, 1.0
+    if kind == "linear":
+        return 1.0 / base**exponents / factor, 1.0
+    if kind == "dynamic":
+        seq_len = max(seq_len or 0, cfg.max_seq_len)
+        base = base * ((factor * seq_len / cfg.max_seq_len) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base**exponents, 1.0
+    if kind == "llama3":
+        inv_freq = 1.0 / base**exponents
+        old_len = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    original = scaling["original_max_position_embeddings"]
+    if factor is None:
+        factor = cfg.max_seq_len / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+            attention_factor = mscale(factor, scaling["mscale"]) / mscale(factor, scaling["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions. Rotation uses the half-split (GPT-NeoX/HF LLaMA) layout."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.dynamic = (cfg.rope_scaling or {}).get("type") == "dynamic"
+        inv_freq, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: [B, T] -> (cos, sin), each [B, 1, T, rotary_dim]."""
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.cfg.max_seq_len:
+                inv_freq = rope_inv_freq(self.cfg, seq_len)[0].to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rot)
+        cos, sin = emb.cos() * self.scale, emb.sin() * self.scale
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` features of x [B, H, T, hd]; the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)

@@ -138,3 +138,56 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
         return ModelConfig(**values)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{origin}: {exc}") from exc
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The HF model_type that can express `cfg` exactly; CheckpointError if none can."""
+    if cfg.family == "decoder":
+        if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre":
+            if cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias and cfg.mlp in ("gelu_tanh", "gelu", "relu"):
+                if cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model:
+                    return "gpt2"
+        if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in _GATED_ACTS.values():
+            if cfg.sliding_window:
+                if not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias):
+                    return "mistral"
+            elif cfg.qkv_bias and not cfg.attn_out_bias and not cfg.mlp_bias:
+                return "qwen2"
+            elif cfg.qkv_bias == cfg.attn_out_bias:
+                return "llama"
+    raise CheckpointError(
+        "this model cannot be expressed as a Hugging Face checkpoint of a supported model_type "
+        f"({', '.join(sorted(HF_FAMILIES))}); save it in qkv's native format instead"
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config.json dict for `cfg` (inverse of `config_from_hf`)."""
+    model_type = hf_model_type(cfg)
+    family = HF_FAMILIES[model_type]
+    hf: dict[str, Any] = {"model_type": model_type}
+    for ours, theirs in family["fields"].items():
+        hf[theirs] = getattr(cfg, ours)
+    acts = _GATED_ACTS if cfg.gated_mlp else _PLAIN_ACTS
+    hf[family["activation"]] = next(k for k, v in acts.items() if v == cfg.mlp)
+    architectures = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
+    hf["architectures"] = [architectures[model_type]]
+    if cfg.position == "rope":
+        hf["rope_theta"] = cfg.rope_theta
+        params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if cfg.rope_scaling:
+            scaling = {k: v for k, v in cfg.rope_scaling.items() if k != "type"}
+            params = {**scaling, "rope_type": cfg.rope_scaling["type"], "rope_theta": cfg.rope_theta}
+            hf["rope_scaling"] = {**scaling, "rope_type": cfg.rope_scaling["type"]}
+        hf["rope_parameters"] = params
+        if cfg.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if model_type == "gpt2":
+        hf["n_inner"] = cfg.d_ff
+        if cfg.attn_scale == 1.0:
+            hf["scale_attn_weights"] = False
+    if model_type == "mistral":
+        hf["head_dim"] = cfg.head_dim
+    hf["torch_dtype"] = "float32"
+    return hf

@@ -65,6 +65,11 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed.tokens.weight
         self.apply(self._init_weights)
 
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (e.g. after building on the meta device)."""
+        if self.config.position == "alibi":
+            self.alibi_slopes = alibi_slopes(self.config.n_heads).to(device)
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         # GPT-2's initialisation: N(0, 0.02) weights, zero biases.

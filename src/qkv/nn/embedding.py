@@ -31,6 +31,11 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = cfg.d_model**0.5 if scale else 1.0
 
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the sinusoid table (e.g. after building on the meta device)."""
+        if self.sinusoid is not None:
+            self.sinusoid = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(device)
+
     def forward(
         self,
         input_ids: torch.Tensor,

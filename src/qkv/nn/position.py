@@ -117,8 +117,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dynamic = (cfg.rope_scaling or {}).get("type") == "dynamic"
-        inv_freq, self.scale = rope_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.rotary_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the frequencies, e.g. after the model was built on the meta device."""
+        if device is None and not self.inv_freq.is_meta:
+            device = self.inv_freq.device
+        inv_freq, self.scale = rope_inv_freq(self.cfg)
+        self.inv_freq = inv_freq.to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: [B, T] -> (cos, sin), each [B, 1, T, rotary_dim]."""

@@ -1,0 +1,176 @@
+"""Hugging Face checkpoint directories: `config.json` + safetensors (single or sharded), in and out.
+
+Reading goes through the data in `hf_config` (config translation) and `keymaps` (tensor names),
+so supporting another decoder family is a table entry. Nothing from the directory is executed:
+`auto_map` remote code is never run, and `.bin` pickles are read only with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
+from qkv.checkpoints.hf_config import HF_FAMILIES, config_from_hf, config_to_hf
+from qkv.checkpoints.keymaps import HF_KEYMAPS
+from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
+from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
+from qkv.config import ModelConfig
+from qkv.errors import CheckpointError
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A directory with a config.json that names a `model_type` (as HF's do)."""
+    cfg = path / "config.json"
+    if not (path.is_dir() and cfg.is_file()):
+        return False
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # let `read_hf_config` report the broken file
+    return isinstance(data, dict) and "model_type" in data
+
+
+def read_hf_config(path: Path) -> tuple[dict, ModelConfig]:
+    """The raw config.json dict and its `ModelConfig`."""
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory needs one") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if isinstance(raw, dict) and raw.get("auto_map") and raw.get("model_type") not in HF_FAMILIES:
+        raise CheckpointError(
+            f"{file}: this checkpoint needs its own Python code (auto_map); qkv never runs code from a model "
+            f"directory. Supported model types: {', '.join(sorted(HF_FAMILIES))}"
+        )
+    return raw, config_from_hf(raw, origin=str(file))
+
+
+class _TensorSource:
+    """All tensors of a checkpoint directory, across shards, read lazily by name."""
+
+    def __init__(self, path: Path) -> None:
+        self.files: dict[str, SafetensorsFile | dict[str, torch.Tensor]] = {}
+        self.where: dict[str, str] = {}
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+            for name, shard in weight_map.items():
+                shard_path = (path / shard).resolve()
+                if shard_path.parent != path.resolve():
+                    raise CheckpointError(f"{index}: shard {shard!r} points outside the checkpoint directory")
+                if not shard_path.is_file():
+                    raise CheckpointError(f"{index}: shard {shard} is missing")
+                if shard not in self.files:
+                    self.files[shard] = SafetensorsFile(shard_path)
+                if name not in self.files[shard].names():
+                    raise CheckpointError(f"{index}: {name} is not in shard {shard}")
+                self.where[name] = shard
+        elif single.is_file():
+            self.files["model.safetensors"] = f = SafetensorsFile(single)
+            self.where = dict.fromkeys(f.names(), "model.safetensors")
+        elif (path / "pytorch_model.bin").is_file():
+            # Read as data only: weights_only refuses any pickled object that is not a tensor/container.
+            try:
+                state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{path / 'pytorch_model.bin'}: refused or unreadable as weights-only data ({exc}); "
+                    "qkv never unpickles arbitrary objects — convert the checkpoint to safetensors"
+                ) from None
+            self.files["pytorch_model.bin"] = state
+            self.where = dict.fromkeys(state, "pytorch_model.bin")
+        else:
+            raise CheckpointError(
+                f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found"
+            )
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.files[self.where[name]][name]
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load a Hugging Face checkpoint directory into the matching qkv model (fp32 unless `dtype`)."""
+    path = Path(path)
+    raw, cfg = read_hf_config(path)
+    source = _TensorSource(path)
+    meta = build_on_meta(cfg)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    tied = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    state = to_qkv_state_dict(
+        source, source.names(), HF_KEYMAPS[raw["model_type"]], expected, cfg.n_layers, origin=str(path), tied=tied
+    )
+    dtype = resolve_dtype(dtype) or torch.float32
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model = materialize(cfg, state, origin=str(path))
+    model.tokenizer = _tokenizer_if_present(path)
+    return model
+
+
+def _tokenizer_if_present(path: Path):
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        return None
+    try:
+        from qkv.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    return load_tokenizer(path)
+
+
+def _split_sizes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "attn.qkv_proj.weight": (q, kv, kv),
+        "attn.qkv_proj.bias": (q, kv, kv),
+        "mlp.up.weight": (cfg.d_ff, cfg.d_ff),
+        "mlp.up.bias": (cfg.d_ff, cfg.d_ff),
+    }
+
+
+def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
+    """Write `model` as a Hugging Face directory (config.json + model.safetensors [+ tokenizer.json]).
+
+    The directory appears complete or not at all: files are written to a temporary sibling that
+    is renamed into place; an existing directory at `out` is replaced only after that succeeds.
+    """
+    cfg: ModelConfig = model.config
+    hf = config_to_hf(cfg)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    tensors = from_qkv_state_dict(state, HF_KEYMAPS[hf["model_type"]], cfg.n_layers, _split_sizes(cfg))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save(tmp)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out, backup)
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

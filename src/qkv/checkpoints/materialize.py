@@ -1,0 +1,71 @@
+"""Turn a config + a state dict into a ready model without paying for random initialisation.
+
+Modules are built on the meta device (no memory, no init), the loaded tensors are assigned in
+place (`load_state_dict(assign=True)`), tied weights are re-tied, and the non-persistent buffers
+(RoPE frequencies, sinusoid tables, ALiBi slopes) are recomputed on the real device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qkv.config import ModelConfig
+from qkv.errors import CheckpointError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name; None stays None (keep the checkpoint's dtype)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_class(cfg: ModelConfig) -> Callable[[ModelConfig], nn.Module]:
+    """The qkv model class for a config's family."""
+    from qkv.models import DecoderLM
+
+    classes = {"decoder": DecoderLM}
+    if cfg.family not in classes:
+        raise CheckpointError(f"no model class for family {cfg.family!r} yet")
+    return classes[cfg.family]
+
+
+def build_on_meta(cfg: ModelConfig) -> nn.Module:
+    """The model for `cfg` with every parameter on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return model_class(cfg)(cfg)
+
+
+def materialize(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, origin: str = "checkpoint"
+) -> nn.Module:
+    """A model holding exactly `state` (qkv names), in `dtype` if given, ready for eval."""
+    model = build_on_meta(cfg)
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_embeddings", False) else set()
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{origin}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k not in tied}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.embed.tokens.weight
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if reset is not None:
+            reset(device)
+    return model.eval()

@@ -143,10 +143,19 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
 def hf_model_type(cfg: ModelConfig) -> str:
     """The HF model_type that can express `cfg` exactly; CheckpointError if none can."""
     if cfg.family == "decoder":
-        if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.norm_position == "pre":
-            if cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias and cfg.mlp in ("gelu_tanh", "gelu", "relu"):
-                if cfg.n_kv_heads == cfg.n_heads and cfg.head_dim * cfg.n_heads == cfg.d_model:
-                    return "gpt2"
+        gpt2_like = (
+            cfg.position == "learned"
+            and cfg.norm == "layernorm"
+            and cfg.norm_position == "pre"
+            and cfg.qkv_bias
+            and cfg.attn_out_bias
+            and cfg.mlp_bias
+            and cfg.mlp in ("gelu_tanh", "gelu", "relu")
+            and cfg.n_kv_heads == cfg.n_heads
+            and cfg.head_dim * cfg.n_heads == cfg.d_model
+        )
+        if gpt2_like:
+            return "gpt2"
         if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in _GATED_ACTS.values():
             if cfg.sliding_window:
                 if not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias):

@@ -9,6 +9,7 @@ with a `CheckpointError` and nothing of the claimed size is allocated.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,7 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise CheckpointError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes); the file is truncated or corrupt"
+                    f"{path}: header length {n} is larger than the file ({size} bytes); the file is truncated"
                 )
             if n > MAX_HEADER:
                 raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER}-byte limit")
@@ -82,7 +83,7 @@ def read_header(path: str | os.PathLike) -> dict[str, dict]:
             )
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file (bytes {b1}..{e0})")
     return header

@@ -114,6 +114,7 @@ class ModelConfig:
         _positive("d_ff", self.d_ff)
         if self.n_decoder_layers is None:
             set_(self, "n_decoder_layers", self.n_layers)
+        _positive("n_decoder_layers", self.n_decoder_layers)
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("mlp", self.mlp, MLPS)
@@ -142,6 +143,11 @@ class ModelConfig:
     def _check_rope_scaling(self) -> None:
         scaling = dict(self.rope_scaling)
         kind = scaling.get("type", scaling.get("rope_type"))
+        if kind is None and set(scaling) - {"rope_theta", "partial_rotary_factor"}:
+            raise ValueError(
+                f"ModelConfig.rope_scaling={self.rope_scaling!r} has no 'type'; "
+                f"set 'type' to one of: {', '.join(ROPE_SCALINGS)} (or 'default')"
+            )
         if kind in (None, "default"):
             object.__setattr__(self, "rope_scaling", None)
             return
@@ -200,8 +206,19 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again).
+
+        Fields that `__post_init__` derived (head_dim, n_kv_heads, d_ff, n_decoder_layers) are
+        derived again from the new values unless they were set explicitly.
+        """
+        data = self.to_dict()
+        derived = {"n_kv_heads": self.n_heads, "d_ff": 4 * self.d_model, "n_decoder_layers": self.n_layers}
+        if self.d_model % self.n_heads == 0:
+            derived["head_dim"] = self.d_model // self.n_heads
+        for name, value in derived.items():
+            if name not in changes and data[name] == value:
+                data[name] = None
+        return ModelConfig.from_dict({**data, **changes})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

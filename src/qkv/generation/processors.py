@@ -52,17 +52,54 @@ def repetition_penalty(logits: torch.Tensor, input_ids: torch.Tensor, penalty: f
     return logits.scatter(-1, input_ids, seen)
 
 
+def frequency_presence_penalty(
+    logits: torch.Tensor, input_ids: torch.Tensor, frequency: float, presence: float, prompt_len: int
+) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far (not the prompt):
+    logit[j] -= count[j] * frequency + (count[j] > 0) * presence."""
+    generated = input_ids[:, prompt_len:]
+    counts = torch.zeros_like(logits).scatter_add_(-1, generated, torch.ones_like(generated, dtype=logits.dtype))
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+def typical_filter(logits: torch.Tensor, input_ids: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2023): keep the tokens whose surprisal is closest to
+    the distribution's entropy, until their mass reaches `mass`."""
+    logp = logits.log_softmax(dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp).nan_to_num().sum(-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    order = torch.sort(shifted, dim=-1).indices
+    sorted_probs = probs.gather(-1, order)
+    drop = (sorted_probs.cumsum(-1) - sorted_probs) >= mass
+    drop[..., 0] = False
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
 def build_processors(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
     repetition: float | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    typical_p: float | None = None,
+    prompt_len: int = 0,
 ) -> list[LogitsProcessor]:
     """The processor list for a set of sampling options (None/neutral values add nothing)."""
     procs: list[LogitsProcessor] = []
     if repetition is not None and repetition != 1.0:
         procs.append(partial(repetition_penalty, penalty=repetition))
+    if frequency_penalty or presence_penalty:
+        procs.append(
+            partial(
+                frequency_presence_penalty,
+                frequency=frequency_penalty,
+                presence=presence_penalty,
+                prompt_len=prompt_len,
+            )
+        )
     if temperature not in (0.0, 1.0):
         procs.append(partial(temperature_scale, temperature=temperature))
     if top_k:
@@ -71,4 +108,6 @@ def build_processors(
         procs.append(partial(top_p_filter, p=top_p))
     if min_p:
         procs.append(partial(min_p_filter, min_p=min_p))
+    if typical_p is not None and typical_p < 1.0:
+        procs.append(partial(typical_filter, mass=typical_p))
     return procs

@@ -71,6 +71,11 @@ def scaled_dot_product_attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if mask is not None and mask.is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"AttentionMask(is_causal=True) needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}; "
+            "build the mask with build_attention_mask, which aligns the queries to the last keys"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fn = BACKENDS["eager" if need_weights else backend]
     return fn(q, k, v, mask or AttentionMask(None), scale, dropout_p, need_weights)
@@ -93,11 +98,10 @@ class Attention(nn.Module):
     cross-attention has `q_proj` on the decoder stream and a fused `kv_proj` on the context.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, cross: bool = False, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, cross: bool = False) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.cross = cross
-        self.causal = causal and not cross
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.backend = cfg.attn_backend

@@ -12,13 +12,17 @@ from qkv.nn.norm import make_norm
 
 
 class Block(nn.Module):
-    """Pre-norm: x + f(norm(x)) (GPT-2, LLaMA). Post-norm: norm(x + f(x)) (Vaswani et al., BERT)."""
+    """Pre-norm: x + f(norm(x)) (GPT-2, LLaMA). Post-norm: norm(x + f(x)) (Vaswani et al., BERT).
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, causal: bool = True, cross_attention: bool = False):
+    Causality is not a property of the block: the model builds the masks (causal for decoders,
+    padding-only for encoders) and hands them over in `AttentionInputs`.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, cross_attention: bool = False):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer_idx, causal=causal)
+        self.attn = Attention(cfg, layer_idx)
         if cross_attention:
             self.cross_norm = make_norm(cfg)
             self.cross_attn = Attention(cfg, layer_idx, cross=True)

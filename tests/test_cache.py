@@ -1,0 +1,195 @@
+"""KV cache (`qkv.cache`) through `DecoderLM`: cached logits equal the uncached forward, token by
+token and in chunks, far past a sliding window, for left-padded batches and after `reorder`.
+Also the decoder's input errors, which guard the cache's bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv.config import ModelConfig
+from qkv.models.decoder import DecoderLM
+
+CONFIGS = {
+    "tiny-gpt2": ModelConfig.from_name("tiny-gpt2"),
+    "tiny-llama": ModelConfig.from_name("tiny-llama"),
+    "tiny-mistral": ModelConfig.from_name("tiny-mistral"),  # sliding window 16
+    "alibi": ModelConfig.from_name("tiny-gpt2", position="alibi"),
+    "alibi-window-eager": ModelConfig.from_name("tiny-llama", position="alibi", sliding_window=8, attn_backend="eager"),
+}
+ATOL = 1e-5
+
+
+def make_model(name: str) -> DecoderLM:
+    torch.manual_seed(0)
+    model = DecoderLM(CONFIGS[name]).eval()
+    # GPT-2's N(0, 0.02) init makes near-uniform logits that hide mistakes; use unit-scale activations.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=p.shape[-1] ** -0.5)
+            else:
+                p.normal_(1.0 if p.abs().sum() > 0 else 0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request) -> DecoderLM:
+    return make_model(request.param)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def tokens(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 512, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "chunks", [[1] * 60, [7, 5] + [1] * 48, [20, 17, 1, 1, 21], [60]], ids=["1x60", "7+5+1x48", "20+17+1+1+21", "60"]
+)
+@torch.no_grad()
+def test_cached_chunks_equal_the_full_forward(model, chunks):
+    """60 tokens: with a window of 16 (or 8) the ring wraps several times; chunks may exceed it."""
+    ids = tokens(sum(chunks), batch=2)
+    full = model(ids).logits
+    assert full.abs().max() > 1  # logits are not trivially small
+    cache = model.new_cache(2)
+    start = 0
+    for n in chunks:
+        out = model(ids[:, start : start + n], cache=cache).logits
+        assert max_diff(out, full[:, start : start + n]) <= ATOL, f"chunk at {start}"
+        start += n
+    assert cache.pos == 60
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r) :] = r
+        mask[i, L - len(r) :] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_row_alone(model):
+    rows = [tokens(n, seed=n)[0] for n in (23, 9, 17)]
+    ids, mask = left_pad(rows)
+    out = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits
+        assert max_diff(out[i, -1], alone[0, -1]) <= ATOL, f"row {i}"
+
+
+@torch.no_grad()
+def test_left_padded_decoding_with_cache_equals_each_row_alone(model):
+    """Prefill a padded batch, then 25 one-token steps (past the window): each row as if alone."""
+    rows = [tokens(n, seed=n)[0] for n in (21, 6, 13)]
+    ids, mask = left_pad(rows)
+    steps = tokens(25, batch=3, seed=99)
+    cache = model.new_cache(3)
+    out = model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache).logits[:, -1]
+    batch_logits = [out]
+    for t in range(steps.shape[1]):
+        mask = torch.cat((mask, torch.ones(3, 1, dtype=torch.long)), dim=1)
+        pos = positions(mask)[:, -1:]
+        batch_logits.append(
+            model(steps[:, t : t + 1], attention_mask=mask, position_ids=pos, cache=cache).logits[:, -1]
+        )
+    for i, row in enumerate(rows):
+        alone = model(torch.cat((row, steps[i]))[None]).logits[0, len(row) - 1 :]
+        for t, logits in enumerate(batch_logits):
+            assert max_diff(logits[i], alone[t]) <= ATOL, f"row {i} step {t}"
+
+
+@torch.no_grad()
+def test_attentions_with_a_cache(model):
+    ids = tokens(30)
+    cache = model.new_cache(1)
+    model(ids[:, :29], cache=cache)
+    out = model(ids[:, 29:], cache=cache, output_attentions=True)
+    cfg = model.config
+    S = cfg.sliding_window + 1 if cfg.sliding_window else 30  # a ring of `window` keys, then the new one
+    assert len(out.attentions) == cfg.n_layers
+    for weights in out.attentions:
+        assert weights.shape == (1, cfg.n_heads, 1, S)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(1, cfg.n_heads, 1))
+    full = model(ids, output_attentions=True).attentions
+    if not cfg.sliding_window:
+        torch.testing.assert_close(out.attentions[0][0, :, 0], full[0][0, :, -1], atol=ATOL, rtol=0)
+    else:  # the ring holds the window's keys out of order: compare the sorted visible weights
+        visible = full[0][0, :, -1, -cfg.sliding_window :]
+        torch.testing.assert_close(out.attentions[0][0, :, 0].sort(-1).values[:, 1:], visible.sort(-1).values)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+@torch.no_grad()
+def test_cache_overflow_is_a_clear_error(name):
+    model = make_model(name)
+    cache = model.new_cache(1, max_len=20)
+    model(tokens(15), cache=cache)
+    with pytest.raises(ValueError, match=r"KV cache holds 20 positions but 21 are needed.*max_len"):
+        model(tokens(6), cache=cache)
+    assert cache.pos == 15  # a refused step writes nothing the next step would see
+    model(tokens(5), cache=cache)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+@torch.no_grad()
+def test_reorder_permutes_rows(name):
+    model = make_model(name)
+    ids = tokens(24, batch=3)
+    cache = model.new_cache(3)
+    model(ids, cache=cache)
+    before = [k.clone() for k in cache.k]
+    index = torch.tensor([2, 0, 0])
+    cache.reorder(index)
+    for k, old in zip(cache.k, before):
+        assert torch.equal(k, old[index])
+    nxt = tokens(1, batch=3, seed=7)
+    out = model(nxt, cache=cache).logits[:, -1]
+    expected = model(torch.cat((ids[index], nxt), dim=1)).logits[:, -1]
+    assert max_diff(out, expected) <= ATOL
+
+
+# -- DecoderLM input errors -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_prompt_longer_than_the_context_is_an_error():
+    model = make_model("tiny-gpt2")  # max_seq_len 128
+    with pytest.raises(ValueError, match=r"sequence of 129 tokens exceeds the model's context of 128"):
+        model(tokens(129))
+    cache = model.new_cache(1)
+    model(tokens(100), cache=cache)
+    with pytest.raises(ValueError, match=r"sequence of 130 tokens exceeds the model's context of 128"):
+        model(tokens(30), cache=cache)
+
+
+@pytest.mark.parametrize("bad", [512, 10_000, -1])
+def test_token_id_outside_the_vocabulary_is_an_error(bad):
+    model = make_model("tiny-llama")
+    ids = torch.tensor([[1, 2, bad, 3]])
+    with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary \[0, 512\)"):
+        model(ids)
+
+
+@pytest.mark.parametrize(("ids", "message"), [(torch.tensor([1, 2, 3]), r"\[batch, seq_len\]"),
+                                               (torch.tensor([[1.0, 2.0]]), "integer tensor")])  # fmt: skip
+def test_malformed_input_ids_are_errors(ids, message):
+    with pytest.raises(ValueError, match=message):
+        make_model("tiny-llama")(ids)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (2, 4), (1, 6, 1)])
+def test_wrong_attention_mask_shape_is_an_error(shape):
+    model = make_model("tiny-llama")
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, past \+ seq_len\] = \(1, 6\)"):
+        model(tokens(6), attention_mask=torch.ones(shape, dtype=torch.long))

@@ -9,6 +9,8 @@ from qkv.cache import KVCache
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError, QkvError, TokenizerError
 from qkv.generation import generate
+from qkv.generation.text import complete, stream
+from qkv.load import load
 from qkv.models import DecoderLM, ModelOutput
 
 __version__ = "0.1.0"
@@ -21,5 +23,8 @@ __all__ = [
     "ModelOutput",
     "QkvError",
     "TokenizerError",
+    "complete",
     "generate",
+    "load",
+    "stream",
 ]

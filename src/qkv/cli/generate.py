@@ -1,11 +1,40 @@
-"""`qkv generate MODEL --prompt TEXT`: continue a prompt with a trained or loaded model."""
+"""`qkv generate MODEL --prompt TEXT`: continue a prompt (flag names follow llama.cpp/transformers)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from qkv.cli.args import add_model_argument, non_negative_float, non_negative_int, positive_int, probability
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Decoding flags shared by `generate` and `chat`."""
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=non_negative_int, default=None)
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--min-p", type=probability, default=None)
+    p.add_argument("--typical-p", type=probability, default=None)
+    p.add_argument("--repetition-penalty", type=non_negative_float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The keyword options of `qkv.generation.text.stream_completion` from parsed flags."""
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise ValueError("--repetition-penalty must be > 0 (1 disables it)")
+    return dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
+        stop=args.stop,
+    )  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,34 +43,79 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt from this file")
-    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=64)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=non_negative_int, default=None)
-    p.add_argument("--top-p", type=probability, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p)
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = no beam search)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--logprobs", type=non_negative_int, default=0, metavar="N", help="report top-N log-probs")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print text as it is generated")
+    out.add_argument("--json", action="store_true", help="print text, ids, finish reason and timings as JSON")
     p.set_defaults(func=run)
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
+    return args.prompt
+
+
 def run(args: argparse.Namespace) -> int:
+    from qkv.generation.text import stream_completion
     from qkv.load import load
 
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
-    else:
-        prompt = args.prompt
-    model = load(args.model).eval()
+    prompt = read_prompt(args)
+    model = load(args.model, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{args.model} carries no tokenizer, so a text prompt cannot be encoded")
+    add_special = True
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt, add_special = tok.apply_chat_template(messages, add_generation_prompt=True), False
+    options = sampling_options(args)
+    if args.num_beams > 1:
+        return _run_beam(args, model, tok, prompt, add_special, options)
+    result = None
+    for item in stream_completion(
+        model, tok, prompt, add_special_tokens=add_special, top_logprobs=args.logprobs,
+        logprobs=bool(args.logprobs), **options,
+    ):  # fmt: skip
+        if isinstance(item, str):
+            if args.stream:
+                sys.stdout.write(item)
+                sys.stdout.flush()
+        else:
+            result = item
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+    elif args.stream:
+        sys.stdout.write("\n")
+    else:
+        print(result.text)
+    return 0
+
+
+def _run_beam(args, model, tok, prompt, add_special, options) -> int:
     import torch
 
-    ids = tok.encode(prompt)
+    ids = tok.encode(prompt, add_special_tokens=add_special)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+        raise ValueError("the prompt is empty and the tokenizer adds no BOS token; give a non-empty prompt")
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        torch.tensor([ids]), max_new_tokens=options["max_new_tokens"], num_beams=args.num_beams,
+        eos_token_id=tok.eos_token_id or model.config.eos_token_id,
     )  # fmt: skip
-    sys.stdout.write(prompt + tok.decode(out[0, len(ids) :].tolist()) + "\n")
+    new = [t for t in out[0, len(ids) :].tolist() if t != tok.eos_token_id]
+    text = tok.decode(new, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": new, "num_beams": args.num_beams}, ensure_ascii=False))
+    else:
+        print(text)
     return 0

@@ -1,0 +1,267 @@
+"""qkv's native checkpoint: a directory that `save_native` writes and `load_native` reads.
+
+    run/checkpoint/
+      config.json          {"format": "qkv", "format_version": 1, "config": ModelConfig.to_dict()}
+      model.safetensors    the state dict; a tied parameter is stored once, under its first name
+      tokenizer.json       when the model carries a tokenizer
+      training_state.pt    optional: optimizer, schedule, RNG states, data position, step
+                           (plain tensors and containers, read with torch.load(weights_only=True))
+
+Saves are atomic: the files are written and fsynced in a temporary sibling directory, which is
+then renamed into place. Replacing an existing checkpoint takes two renames (old -> backup,
+new -> path); a process killed between them leaves no directory at `path` and the previous
+checkpoint intact at `.<name>.previous` next to it, which `load_native` points to. Any other
+failure (an exception mid-save) leaves the previous checkpoint where it was and no temp dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
+from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
+from qkv.config import ModelConfig
+from qkv.errors import CheckpointError
+
+FORMAT = "qkv"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+# -- saving ------------------------------------------------------------------------------------
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for every parameter registered under more than one name (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict | None = None) -> Path:
+    """Write `model` (its `config`, weights and `tokenizer`) as a native checkpoint directory, atomically.
+
+    `training_state` (plain tensors/containers only) goes to training_state.pt. An existing
+    checkpoint at `path` is replaced; a directory that is not a qkv checkpoint is never touched.
+    """
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"save_native needs a model with a ModelConfig at .config, got {type(cfg).__name__}")
+    path = Path(path)
+    _check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}
+        (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        aliases = tied_aliases(model)
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+        save_safetensors(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        # The weights file is created owner-only (mkstemp); give it the mode every other file gets.
+        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
+        if training_state is not None:
+            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_replaceable(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
+    if any(path.iterdir()) and not is_native_checkpoint(path):
+        raise CheckpointError(
+            f"refusing to replace {path}: it is a non-empty directory that is not a qkv checkpoint "
+            "(choose another path)"
+        )
+
+
+def _backup_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.previous")
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    backup = _backup_path(path)
+    if backup.exists() and path.exists():
+        shutil.rmtree(backup)  # an old backup whose clean-up was interrupted
+    moved = False
+    if path.exists():
+        os.rename(path, backup)
+        moved = True
+    try:
+        # The window: until this rename, `path` is absent and the previous checkpoint is at `backup`.
+        os.rename(tmp, path)
+    except BaseException:
+        if moved:
+            os.rename(backup, path)
+        raise
+    _fsync(path.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        (directory / TOKENIZER_FILE).write_text(tokenizer.to_str(), encoding="utf-8")
+    else:
+        tokenizer.save(directory)  # qkv.tokenizer.Tokenizer writes tokenizer.json into a directory
+
+
+# -- loading -----------------------------------------------------------------------------------
+def is_native_checkpoint(path: str | os.PathLike) -> bool:
+    """True if `path` is a directory whose config.json says "format": "qkv" (nothing else is checked)."""
+    file = Path(path) / CONFIG_FILE
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_native_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a native checkpoint; CheckpointError says what is wrong with config.json."""
+    path = Path(path)
+    _check_directory(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a qkv checkpoint: {file} is missing")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f'{file} is not a qkv checkpoint config: expected "format": "qkv", found {found!r}')
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(
+            f"{file} has format_version {version!r}; this qkv reads version {FORMAT_VERSION}"
+            + (" (it was written by a newer qkv: upgrade qkv)" if newer else "")
+        )
+    if not isinstance(data.get("config"), dict):
+        raise CheckpointError(f'{file} has no "config" object with the model\'s hyper-parameters')
+    try:
+        return ModelConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{file} holds an invalid model config: {exc}") from None
+
+
+def _check_directory(path: Path) -> None:
+    if path.is_dir():
+        return
+    backup = _backup_path(path)
+    if backup.is_dir():
+        raise CheckpointError(
+            f"{path} does not exist: a save was interrupted after moving the previous checkpoint aside; "
+            f"it is intact at {backup} (rename it back to {path.name})"
+        )
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; a qkv checkpoint is a directory")
+    raise CheckpointError(f"checkpoint directory {path} does not exist")
+
+
+def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Load a native checkpoint -> model in eval mode (with `.tokenizer` when the checkpoint has one).
+
+    The model is built on the meta device and takes the file's tensors with
+    `load_state_dict(assign=True)` (no random init, no second copy); `dtype` casts floating tensors.
+    """
+    path = Path(path)
+    cfg = read_native_config(path)
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint has no weights")
+    weights = SafetensorsFile(file)  # header validated against the file before any tensor is read
+    meta = build_on_meta(cfg)
+    aliases = tied_aliases(meta)
+    _check_tensors(file, weights.header, {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases})
+    state = {name: weights[name] for name in sorted(weights.names())}
+    model = materialize(cfg, state, resolve_dtype(dtype), origin=str(file))
+    if (path / TOKENIZER_FILE).is_file():
+        model.tokenizer = _load_tokenizer(path)
+    return model
+
+
+def _check_tensors(file: Path, header: dict[str, dict], expected: dict[str, tuple[int, ...]]) -> None:
+    names = set(header)
+    missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
+    if missing or unexpected:
+        problems = [
+            f"{what} tensors: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected))
+            if items
+        ]
+        raise CheckpointError(f"{file} does not match the model its config.json describes: {'; '.join(problems)}")
+    wrong = [
+        f"{n} is {tuple(header[n]['shape'])} in the file, the model needs {expected[n]}"
+        for n in sorted(names)
+        if tuple(header[n]["shape"]) != expected[n]
+    ]
+    if wrong:
+        raise CheckpointError(f"{file} has tensors of the wrong shape: {'; '.join(wrong[:5])}")
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    try:
+        from qkv.tokenizer import load_tokenizer
+    except ImportError:  # qkv.tokenizer not importable: fall back to the `tokenizers` object
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return HFTokenizer.from_file(str(directory / TOKENIZER_FILE))
+    return load_tokenizer(directory)
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """The training_state.pt of a native checkpoint, unpickled with `weights_only=True`."""
+    file = Path(path) / TRAINING_STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{file} is missing: {path} holds a model but no training state, so training cannot resume "
+            "from it exactly (start a new run from its weights instead)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is not a readable weights-only torch file: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, expected a dict")
+    return state

@@ -1,0 +1,307 @@
+"""`Trainer`: the training loop for any model whose `forward(**batch)` takes `labels=` and returns `.loss`.
+
+One step = `grad_accum` micro-batches (forward, backward) -> clip -> AdamW update at the scheduled
+LR. Around it: eval loss/perplexity on the validation blocks, a NaN/inf guard, a tqdm bar,
+`metrics.jsonl` + `loss_curve.png` in the run directory, and atomic native checkpoints whose
+`training_state.pt` makes a resumed run produce the same floats as an uninterrupted one.
+
+    loader = BlockLoader(corpus.train, batch_size=8)
+    trainer = Trainer(model, TrainingConfig(steps=1000, lr=1e-3, out_dir="runs/x"), loader, corpus.val)
+    trainer.train()
+    # later, in a new process:
+    trainer = Trainer.from_checkpoint("runs/x/checkpoint", BlockLoader(corpus.train, 8), corpus.val)
+    trainer.train()
+
+The batch comes from `collate(blocks)`; the default is the causal-LM objective. Other objectives
+(masked LM, span corruption, ...) plug in as other collates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qkv.checkpoints.native import load_native, load_training_state, save_native
+from qkv.errors import QkvError
+from qkv.training.data import causal_lm_batch, iter_blocks
+from qkv.training.metrics import MetricsLog, plot_loss_curve
+from qkv.training.optim import WarmupCosine, build_optimizer
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+class NonFiniteLossError(QkvError):
+    """Training produced a NaN or infinite loss or gradient; the step's update was not applied."""
+
+
+class BatchSource(Protocol):
+    """Where training batches come from (e.g. `BlockLoader`): endless, with a resumable position."""
+
+    def next_batch(self) -> torch.Tensor: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of a run. `steps` counts optimizer updates (each of `grad_accum` micro-batches)."""
+
+    steps: int
+    lr: float = 3e-4
+    min_lr: float | None = None  # end of the cosine; None -> lr / 10
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
+    bf16: bool = False  # autocast the forward pass to bfloat16 (weights and optimizer stay float32)
+    eval_every: int = 0  # evaluate every N steps (0: only after the last step); needs validation blocks
+    eval_batches: int | None = None  # cap on validation batches per evaluation (None: all)
+    save_every: int = 0  # checkpoint every N steps (0: only after the last step); needs out_dir
+    out_dir: str | None = None  # run directory: metrics.jsonl, loss_curve.png, checkpoint/
+    progress: bool = True  # show a tqdm progress bar
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"TrainingConfig.lr={self.lr} must be > 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainingConfig.grad_clip={self.grad_clip} must be > 0 (or None for no clipping)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- RNG state ---------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), Python `random` and NumPy generator states as plain tensors/containers."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["name"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains `model` on batches from `train_data`, evaluating on `val_blocks` [M, T] when given."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainingConfig,
+        train_data: BatchSource,
+        val_blocks: torch.Tensor | None = None,
+        collate: Callable[[torch.Tensor], dict[str, torch.Tensor]] = causal_lm_batch,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.train_data = train_data
+        self.val_blocks = val_blocks if val_blocks is not None and len(val_blocks) else None
+        self.collate = collate
+        self.eval_batch_size = eval_batch_size or getattr(train_data, "batch_size", 8)
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.eps)
+        min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+        self.schedule = WarmupCosine(config.lr, min_lr, config.warmup_steps, config.steps)
+        self.step = 0  # optimizer updates done
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE) if self.out_dir else None
+        self.history: list[dict[str, Any]] = []  # records logged by this object (train and eval)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_DIR if self.out_dir else None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self._device().type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+    def _batch(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = self._device()
+        return {k: v.to(device) for k, v in self.collate(blocks).items()}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.metrics is not None:
+            self.metrics.append(record)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer update over `grad_accum` micro-batches -> its metrics record."""
+        cfg, model = self.config, self.model
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float32)
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            batch = self._batch(self.train_data.next_batch())
+            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+            with self._autocast():
+                loss = model(**batch).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float().cpu()
+        loss_value = loss_sum.item() / cfg.grad_accum
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # max_norm=inf measures the norm without changing the gradients.
+        grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
+            raise NonFiniteLossError(
+                f"training stopped at step {self.step + 1}: the {what} (loss {loss_value:.6g}, lr {lr:.3g}); "
+                "the update was not applied. Lower the learning rate, clip gradients (grad_clip), or resume "
+                "from the last checkpoint"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}  # fmt: skip
+
+    def train(self, until: int | None = None) -> list[dict[str, Any]]:
+        """Run from the current step to `config.steps` (or stop after step `until`) -> this call's records.
+
+        `until` pauses a run early; the schedule still ends at `config.steps`.
+        """
+        cfg = self.config
+        stop = cfg.steps if until is None else min(until, cfg.steps)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)  # records past a resumed checkpoint are about to be redone
+        first = len(self.history)
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        try:
+            while self.step < stop:
+                record = self.train_step()
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)  # fmt: skip
+                bar.update(1)
+                last = self.step == cfg.steps
+                if self.val_blocks is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                    self._log(self.evaluate())
+                    bar.write(f"step {self.step}: eval loss {self.history[-1]['eval_loss']:.4f}, "
+                              f"perplexity {self.history[-1]['eval_ppl']:.2f}")  # fmt: skip
+                    self.plot()
+                if self.out_dir and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
+                    self.save()
+        finally:
+            bar.close()
+            self.plot()
+        return self.history[first:]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss and perplexity (exp of the mean loss) over the validation blocks."""
+        if self.val_blocks is None:
+            raise ValueError("evaluate() needs validation blocks (val_blocks)")
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for i, blocks in enumerate(iter_blocks(self.val_blocks, self.eval_batch_size)):
+            if self.config.eval_batches is not None and i >= self.config.eval_batches:
+                break
+            with self._autocast():
+                loss = self.model(**self._batch(blocks)).loss
+            total += loss.float().item() * len(blocks)
+            count += len(blocks)
+        self.model.train(was_training)
+        mean = total / count
+        return {"step": self.step, "eval_loss": mean, "eval_ppl": math.exp(mean) if mean < 700 else math.inf}
+
+    def plot(self) -> Path | None:
+        """Redraw loss_curve.png in the run directory from metrics.jsonl (no-op without out_dir)."""
+        if self.out_dir is None or self.metrics is None:
+            return None
+        records = self.metrics.read()
+        return plot_loss_curve(records, self.out_dir / LOSS_CURVE_FILE) if records else None
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs (plain tensors and containers)."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": dataclasses.asdict(self.schedule),
+            "data": self.train_data.state_dict(),
+            "rng": rng_state(),
+            "training_config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` output; the model must already hold the checkpoint's weights."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write model + training state as a native checkpoint (default: <out_dir>/checkpoint)."""
+        path = path or self.checkpoint_path
+        if path is None:
+            raise ValueError("save() needs a path, or TrainingConfig.out_dir to save into")
+        return save_native(self.model, path, training_state=self.state_dict())
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        train_data: BatchSource,
+        val_blocks: torch.Tensor | None = None,
+        collate: Callable[[torch.Tensor], dict[str, torch.Tensor]] = causal_lm_batch,
+        config: TrainingConfig | None = None,
+        model: nn.Module | None = None,
+    ) -> Trainer:
+        """A trainer that continues the run saved at `path`: model, optimizer, RNG and data position.
+
+        config: None keeps the saved one (pass a changed copy to, e.g., train for more steps);
+        model: the checkpoint's model if already loaded (default: `load_native(path)`).
+        """
+        state = load_training_state(path)
+        config = config or TrainingConfig(**state["training_config"])
+        trainer = cls(model if model is not None else load_native(path), config, train_data, val_blocks, collate)
+        trainer.load_state_dict(state)
+        return trainer

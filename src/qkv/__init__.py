@@ -12,6 +12,7 @@ from qkv.generation import generate
 from qkv.generation.text import complete, stream
 from qkv.load import load
 from qkv.models import DecoderLM, ModelOutput
+from qkv.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -22,9 +23,11 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "QkvError",
+    "Tokenizer",
     "TokenizerError",
     "complete",
     "generate",
     "load",
+    "load_tokenizer",
     "stream",
 ]

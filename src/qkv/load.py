@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qkv.checkpoints.gguf import is_gguf_file, load_gguf
 from qkv.checkpoints.hf import is_hf_dir, load_hf
 from qkv.checkpoints.materialize import resolve_dtype
 from qkv.checkpoints.native import is_native_checkpoint, load_native
@@ -34,6 +35,7 @@ FORMATS: tuple[Format, ...] = (
     Format("qkv", "a qkv checkpoint directory (config.json with \"format\": \"qkv\")", is_native_checkpoint,
            load_native),
     Format("hf", "a Hugging Face directory (config.json with model_type + safetensors)", is_hf_dir, load_hf),
+    Format("gguf", "a GGUF file (llama.cpp; llama architecture)", is_gguf_file, load_gguf),
 )  # fmt: skip
 
 

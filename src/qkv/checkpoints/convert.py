@@ -62,7 +62,7 @@ def to_qkv_state_dict(
         if tuple(tensor.shape) != tuple(shape):
             raise CheckpointError(
                 f"{origin}: tensor {' + '.join(rule.sources)} has shape {tuple(tensor.shape)} after mapping "
-                f"to {name}, but the config implies {tuple(shape)}; the weights do not match config.json"
+                f"to {name}, but the model's configuration implies {tuple(shape)}; the weights do not match it"
             )
         out[name] = tensor
         used.update(rule.sources)

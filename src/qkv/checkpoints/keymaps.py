@@ -74,3 +74,28 @@ HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
 
 # Source tensors that carry no weights (buffers some checkpoints contain) and are skipped.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+# GGUF (llama.cpp) tensor names, as written by llama.cpp's `convert_hf_to_gguf.py`. The loader
+# (`qkv.checkpoints.gguf`) also undoes the converter's row permutation of attn_q/attn_k.
+_K = "blk.{i}."
+
+GGUF_LLAMA = _rules(
+    ("embed.tokens.weight", "token_embd.weight"),
+    (_B + "attn_norm.weight", _K + "attn_norm.weight"),
+    (_B + "attn.qkv_proj.weight", [_K + f"attn_{p}.weight" for p in "qkv"]),
+    (_B + "attn.qkv_proj.bias", [_K + f"attn_{p}.bias" for p in "qkv"]),
+    (_B + "attn.o_proj.weight", _K + "attn_output.weight"),
+    (_B + "attn.o_proj.bias", _K + "attn_output.bias"),
+    (_B + "mlp_norm.weight", _K + "ffn_norm.weight"),
+    (_B + "mlp.up.weight", [_K + "ffn_gate.weight", _K + "ffn_up.weight"]),
+    (_B + "mlp.up.bias", [_K + "ffn_gate.bias", _K + "ffn_up.bias"]),
+    (_B + "mlp.down.weight", _K + "ffn_down.weight"),
+    (_B + "mlp.down.bias", _K + "ffn_down.bias"),
+    ("norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+)
+
+# GGUF `general.architecture` -> key map.
+GGUF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
+    "llama": GGUF_LLAMA,
+}

@@ -41,7 +41,7 @@ def check_input_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting labels[:, t+1] from logits[:, t]; label -100 is ignored."""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).long(), ignore_index=-100
     )
 
 
@@ -63,7 +63,8 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
-        self.apply(self._init_weights)
+        if not self.lm_head.weight.is_meta:  # built on meta to be loaded: skip the random init
+            self.apply(self._init_weights)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute non-persistent buffers (e.g. after building on the meta device)."""

@@ -1,0 +1,257 @@
+"""Load a llama.cpp GGUF file into a qkv `DecoderLM`, with the tokenizer it carries.
+
+    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")           # float32
+    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", dtype="bfloat16")
+
+The metadata becomes a `ModelConfig` through the `HPARAMS` table; tensor names map to qkv's
+through `GGUF_KEYMAPS` (checkpoints/keymaps.py); every tensor is dequantized (F32, F16, BF16,
+Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K) to float32 and cast to `dtype` as it is read. The model is
+built on the meta device and the tensors are assigned in place (`checkpoints.materialize`), so
+loading never pays for a random initialisation.
+
+RoPE layout: llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the
+rows of each attention head of Q (with n_head) and K (with n_head_kv) from Hugging Face's
+half-split layout to the interleaved pairs llama.cpp rotates; `unpermute_rope_rows` undoes it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qkv.checkpoints.convert import to_qkv_state_dict
+from qkv.checkpoints.gguf_reader import GGUFFile, TensorInfo, read_gguf
+from qkv.checkpoints.keymaps import GGUF_KEYMAPS
+from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
+from qkv.config import ModelConfig
+from qkv.errors import CheckpointError
+from qkv.models import DecoderLM
+from qkv.nn.position import rope_inv_freq
+
+__all__ = [
+    "GGUFFile",
+    "TensorInfo",
+    "config_from_gguf",
+    "is_gguf_file",
+    "load_gguf",
+    "read_gguf",
+    "unpermute_rope_rows",
+]
+
+# qkv field <- GGUF key "{arch}.<suffix>", and whether llama.cpp's loader requires it.
+HPARAMS: tuple[tuple[str, str, type, bool], ...] = (
+    ("d_model", "embedding_length", int, True),
+    ("n_layers", "block_count", int, True),
+    ("n_heads", "attention.head_count", int, True),
+    ("n_kv_heads", "attention.head_count_kv", int, False),
+    ("d_ff", "feed_forward_length", int, True),
+    ("max_seq_len", "context_length", int, True),
+    ("norm_eps", "attention.layer_norm_rms_epsilon", float, True),
+    ("rope_theta", "rope.freq_base", float, False),
+    ("head_dim", "attention.key_length", int, False),
+    ("vocab_size", "vocab_size", int, False),
+)
+SPECIAL_TOKENS = {
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+    "pad_token_id": "tokenizer.ggml.padding_token_id",
+}
+
+# Per `general.architecture`: the layer types it fixes, and which tensors the converter
+# RoPE-permuted, with the config field holding the head count it permuted with. Biases and
+# tying follow from which tensors the file holds.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {
+        "fixed": dict(family="decoder", norm="rmsnorm", mlp="swiglu", position="rope"),
+        "rope_permuted": {"attn_q": "n_heads", "attn_k": "n_kv_heads"},
+    },
+}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1-style per-frequency RoPE divisors
+
+
+def is_gguf_file(path: str | os.PathLike) -> bool:
+    """True for a file named *.gguf or starting with the GGUF magic (for `qkv.load`'s format table)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's `permute(w, n_head, n_head_kv)` on a Q or K weight [n_heads * hd, ...] (or bias).
+
+    The converter maps each head's rows (first half, second half) to interleaved pairs:
+    `w.reshape(n_heads, 2, hd // 2, ...).swapaxes(1, 2)`; this is the reverse reshape.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"cannot un-permute {rows} rows into {n_heads} heads of an even size")
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _number(metadata: dict[str, Any], key: str, kind: type, origin: str, required: bool) -> Any:
+    if key not in metadata:
+        if required:
+            raise CheckpointError(f"{origin}: missing required metadata key {key!r}")
+        return None
+    value = metadata[key]
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if not (is_int or (kind is float and isinstance(value, float))):
+        expected = "a number" if kind is float else "an integer"
+        raise CheckpointError(f"{origin}: metadata {key}={value!r} should be {expected}")
+    return kind(value)
+
+
+def _llama3_scaling(factors: np.ndarray, values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Llama 3.1/3.2 GGUFs carry RoPE scaling only as the divisors `rope_freqs.weight`, which the
+    converter computes from factor, low/high_freq_factor and the original context. Recover Meta's
+    published parameters (factor = the largest divisor; 1, 4, 8192) and check they reproduce it.
+    """
+    scaling = {"type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    problem = (
+        f"{origin}: {ROPE_FREQS} holds RoPE frequency factors that match no Llama 3 scaling qkv can express "
+        "(factor >= 1, low_freq_factor=1, high_freq_factor=4, original context 8192)"
+    )
+    try:
+        cfg = ModelConfig(**values, rope_scaling=scaling)
+    except ValueError as exc:
+        raise CheckpointError(f"{problem}: {exc}") from None
+    implied = rope_inv_freq(cfg.replace(rope_scaling=None))[0] / rope_inv_freq(cfg)[0]
+    if implied.shape != factors.shape or not np.allclose(implied.numpy(), factors, rtol=1e-4):
+        raise CheckpointError(problem)
+    return scaling
+
+
+def _rope_scaling(file: GGUFFile, arch: str, values: dict[str, Any], origin: str) -> dict[str, Any] | None:
+    md = file.metadata
+    kind = md.get(f"{arch}.rope.scaling.type", "none")
+    if ROPE_FREQS in file.tensors:
+        if kind != "none":
+            raise CheckpointError(f"{origin}: both {ROPE_FREQS} and rope.scaling.type={kind!r}; expected one")
+        return _llama3_scaling(file.dequantize(ROPE_FREQS), values, origin)
+    if kind == "none":
+        return None
+    factor = _number(md, f"{arch}.rope.scaling.factor", float, origin, required=True)
+    if kind == "linear":
+        return {"type": "linear", "factor": factor}
+    if kind == "yarn":
+        # llama.cpp's attn_factor multiplies YaRN's default temperature, unlike HF's attention_factor.
+        for extra in ("attn_factor", "yarn_attn_factor", "yarn_log_multiplier"):
+            if f"{arch}.rope.scaling.{extra}" in md:
+                raise CheckpointError(f"{origin}: YaRN with rope.scaling.{extra} is not supported")
+        scaling = {"type": "yarn", "factor": factor}
+        for ours, theirs, kind_ in (
+            ("original_max_position_embeddings", "original_context_length", int),
+            ("beta_fast", "yarn_beta_fast", float),
+            ("beta_slow", "yarn_beta_slow", float),
+        ):
+            value = _number(md, f"{arch}.rope.scaling.{theirs}", kind_, origin, required=False)
+            if value is not None:
+                scaling[ours] = value
+        return scaling
+    raise CheckpointError(f"{origin}: rope.scaling.type={kind!r} is not supported (supported: none, linear, yarn)")
+
+
+def config_from_gguf(file: GGUFFile) -> ModelConfig:
+    """The `ModelConfig` a GGUF file describes (metadata, plus which optional tensors it holds)."""
+    origin, md = str(file.path), file.metadata
+    arch = md.get("general.architecture")
+    if arch is None:
+        raise CheckpointError(f"{origin}: missing required metadata key 'general.architecture'")
+    if arch not in ARCHITECTURES or arch not in GGUF_KEYMAPS:
+        raise CheckpointError(
+            f"{origin}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    values: dict[str, Any] = dict(ARCHITECTURES[arch]["fixed"])
+    for ours, suffix, kind, required in HPARAMS:
+        value = _number(md, f"{arch}.{suffix}", kind, origin, required)
+        if value is not None:
+            values[ours] = value
+    if "vocab_size" not in values:
+        tokens = md.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, list):
+            values["vocab_size"] = len(tokens)
+        elif "token_embd.weight" in file.tensors:
+            values["vocab_size"] = file.tensors["token_embd.weight"].shape[0]
+        else:
+            raise CheckpointError(f"{origin}: no {arch}.vocab_size, tokenizer.ggml.tokens or token_embd.weight")
+    rope_dims = _number(md, f"{arch}.rope.dimension_count", int, origin, required=False)
+    head_dim = values.get("head_dim") or values["d_model"] // max(values["n_heads"], 1)
+    if rope_dims is not None and rope_dims != head_dim:
+        raise CheckpointError(
+            f"{origin}: {arch}.rope.dimension_count={rope_dims} differs from the head size {head_dim}; "
+            f"llama.cpp's {arch} rotates whole heads"
+        )
+    value_length = _number(md, f"{arch}.attention.value_length", int, origin, required=False)
+    if value_length is not None and value_length != head_dim:
+        raise CheckpointError(f"{origin}: attention.value_length={value_length} differs from key_length={head_dim}")
+    for ours, key in SPECIAL_TOKENS.items():
+        token_id = _number(md, key, int, origin, required=False)
+        if token_id is not None:
+            values[ours] = token_id
+    has = file.tensors.__contains__
+    values.update(
+        qkv_bias=has("blk.0.attn_q.bias"),
+        attn_out_bias=has("blk.0.attn_output.bias"),
+        mlp_bias=has("blk.0.ffn_up.bias"),
+        tie_embeddings=not has("output.weight"),
+        extra={"gguf_architecture": arch, "name": md.get("general.name")},
+    )
+    scaling = _rope_scaling(file, arch, {k: v for k, v in values.items() if k != "extra"}, origin)
+    try:
+        return ModelConfig(**values, rope_scaling=scaling)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{origin}: {exc}") from exc
+
+
+def _tokenizer(file: GGUFFile) -> Any:
+    """The tokenizer stored in the metadata, or None when there is none (or qkv's reader is absent)."""
+    if "tokenizer.ggml.model" not in file.metadata:
+        return None
+    try:
+        from qkv.tokenizer.gguf_vocab import tokenizer_from_gguf_fields
+    except ImportError:
+        return None
+    fields = {k: v for k, v in file.metadata.items() if k.startswith("tokenizer.")}
+    return tokenizer_from_gguf_fields(fields, source=str(file.path))
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> DecoderLM:
+    """The model in the GGUF file at `path`, dequantized to `dtype` (default float32), in eval mode.
+
+    `model.tokenizer` is the file's tokenizer (with its chat template) when it carries one.
+    Raises CheckpointError naming the file for a malformed file, missing metadata or tensors, or
+    an architecture or tensor type qkv does not support.
+    """
+    dtype = resolve_dtype(dtype) or torch.float32
+    file = read_gguf(path)
+    cfg = config_from_gguf(file)
+    origin = str(file.path)
+    arch = cfg.extra["gguf_architecture"]
+    permuted = {kind: getattr(cfg, field) for kind, field in ARCHITECTURES[arch]["rope_permuted"].items()}
+
+    def tensor(name: str) -> torch.Tensor:
+        weight = torch.from_numpy(file.dequantize(name))
+        parts = name.split(".")
+        if parts[0] == "blk" and len(parts) > 2 and parts[2] in permuted:
+            try:
+                weight = unpermute_rope_rows(weight, permuted[parts[2]])
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(weight.shape)}: {exc}") from None
+        return weight.to(dtype)
+
+    expected = {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()}
+    tied = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    names = set(file.tensors) - {ROPE_FREQS}
+    state = to_qkv_state_dict(tensor, names, GGUF_KEYMAPS[arch], expected, cfg.n_layers, origin=origin, tied=tied)
+    model = materialize(cfg, state, origin=origin)
+    model.tokenizer = _tokenizer(file)
+    return model

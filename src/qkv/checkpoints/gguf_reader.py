@@ -1,0 +1,273 @@
+"""Reading GGUF files (llama.cpp's model format) without trusting them.
+
+A GGUF file is a header (magic ``GGUF``, version, tensor count, metadata count), typed key/value
+metadata, one info record per tensor (name, dims, type, offset), then the aligned tensor data
+(spec: ggml `docs/gguf.md`). Every count and length in the header is checked against the bytes
+that remain before anything is allocated or looped over, so a corrupt or hostile file is a
+`CheckpointError` naming the file and the problem, never a huge allocation or a crash deep inside
+a library. The file is memory-mapped read-only; tensor bytes are read only when asked for.
+
+    f = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    f.metadata["llama.block_count"]          # 30
+    f.tensors["blk.0.attn_q.weight"].shape   # (576, 576), PyTorch order
+    f.dequantize("blk.0.attn_q.weight")      # float32 numpy array of that shape
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+from gguf.quants import dequantize as gguf_dequantize
+
+from qkv.errors import CheckpointError
+
+_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts; v2 and v3 share the little-endian layout
+MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 4  # arrays of arrays of ...: deeper is not a real file, and would recurse unboundedly
+
+_T = GGUFValueType
+_SCALARS: dict[GGUFValueType, str] = {
+    _T.UINT8: "<B", _T.INT8: "<b", _T.UINT16: "<H", _T.INT16: "<h", _T.UINT32: "<I", _T.INT32: "<i",
+    _T.UINT64: "<Q", _T.INT64: "<q", _T.FLOAT32: "<f", _T.FLOAT64: "<d", _T.BOOL: "<?",
+}  # fmt: skip
+# Smallest encoding of one value of each type: a count of N items needs at least N times this.
+_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, _T.STRING: 8, _T.ARRAY: 4 + 8}
+_TENSOR_INFO_MIN_SIZE = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
+_KV_MIN_SIZE = 8 + 4 + 1  # key length, value type, smallest value
+
+# Tensor types qkv dequantizes (each covered by tests/checkpoints/test_gguf.py). `gguf.quants`
+# knows more (IQ*, TQ*, MXFP4); add them here with a test.
+Q = GGMLQuantizationType
+DEQUANTIZABLE = frozenset(
+    (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a GGUF file. `shape` is in PyTorch order (GGUF lists ne[0] first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclass
+class GGUFFile:
+    """A validated GGUF file: its metadata, its tensor table, and lazy access to tensor data."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    alignment: int
+    data_offset: int
+    _data: np.ndarray = field(repr=False)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name` (a read-only uint8 view of the file), one row per row."""
+        info = self.tensors[name]
+        data = self._data[info.offset : info.offset + info.n_bytes]
+        rows = math.prod(info.shape[:-1])
+        return data.reshape(rows, -1) if rows else data
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """Tensor `name` as a writable float32 array of shape `tensors[name].shape`."""
+        info = self.tensors[name]
+        if info.qtype not in DEQUANTIZABLE:
+            supported = ", ".join(sorted(t.name for t in DEQUANTIZABLE))
+            raise CheckpointError(
+                f"{self.path}: tensor {name} is stored as {info.qtype.name}, which qkv cannot dequantize "
+                f"(supported: {supported}); re-quantize the model to one of those types"
+            )
+        values = gguf_dequantize(self.raw(name), info.qtype).reshape(info.shape)
+        # F32 comes back as a view of the read-only map; torch wants memory it may write.
+        return values if values.flags.writeable and values.dtype == np.float32 else values.astype(np.float32)
+
+
+class _Cursor:
+    """Reads little-endian values from a buffer, refusing any read that would pass its end."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def error(self, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {problem}")
+
+    def remaining(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.remaining():
+            raise self.error(
+                f"{what} at byte {self.pos} needs {n} bytes but only {self.remaining()} remain "
+                "(the file is truncated or corrupt)"
+            )
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def count(self, what: str, min_item_size: int) -> int:
+        """A uint64 count of items, each at least `min_item_size` bytes, that must fit in the file."""
+        at = self.pos
+        n = self.unpack("<Q", what)
+        if n * min_item_size > self.remaining():
+            raise self.error(
+                f"{what} {n} at byte {at} cannot fit in the {self.remaining()} bytes left in the file "
+                "(the file is truncated or corrupt)"
+            )
+        return n
+
+    def string(self, what: str) -> str:
+        at = self.pos
+        n = self.count(f"length of {what}", 1)
+        raw = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError:
+            raise self.error(f"{what} at byte {at} is not valid UTF-8") from None
+
+    def value_type(self, key: str) -> GGUFValueType:
+        at = self.pos
+        code = self.unpack("<I", f"value type of {key!r}")
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise self.error(f"metadata key {key!r} has unknown value type {code} at byte {at}") from None
+
+    def value(self, vtype: GGUFValueType, key: str, depth: int = 0) -> Any:
+        if vtype == _T.STRING:
+            return self.string(f"value of {key!r}")
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], f"value of {key!r}")
+        # ARRAY: element type, count, elements
+        if depth >= _MAX_NESTING:
+            raise self.error(f"metadata key {key!r} nests arrays more than {_MAX_NESTING} deep")
+        etype = self.value_type(key)
+        n = self.count(f"array length of {key!r}", _MIN_SIZE[etype])
+        if etype in _SCALARS:
+            dtype = np.dtype(_SCALARS[etype].replace("?", "u1"))
+            values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
+            self.pos += n * dtype.itemsize
+            return values.astype(bool).tolist() if etype == _T.BOOL else values.tolist()
+        return [self.value(etype, key, depth + 1) for _ in range(n)]
+
+
+def _open(path: Path) -> np.ndarray:
+    try:
+        size = os.stat(path).st_size
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a file")
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise CheckpointError(f"GGUF file {path} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read GGUF file {path}: {exc.strerror or exc}") from None
+    if not head.startswith(_MAGIC):
+        if size == 0:
+            raise CheckpointError(f"{path} is empty, not a GGUF file")
+        if _MAGIC.startswith(head):
+            raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a GGUF header")
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {head[:4]!r}, expected {_MAGIC!r}")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse and validate the header, metadata and tensor table of the GGUF file at `path`.
+
+    Raises CheckpointError (naming the file and the problem) for a bad magic or version, a count
+    or length larger than the file can hold, a truncated file, an unknown value or tensor type, a
+    misaligned tensor, or tensor data that runs past the end of the file or overlaps another's.
+    Only reads; nothing is written.
+    """
+    path = Path(path)
+    data = _open(path)
+    cur = _Cursor(memoryview(data), path)
+    cur.pos = 4
+    version = cur.unpack("<I", "version")
+    if version not in SUPPORTED_VERSIONS:
+        if int.from_bytes(version.to_bytes(4, "little"), "big") in (1, 2, 3):
+            raise CheckpointError(f"{path} is a big-endian GGUF file, which qkv does not read")
+        raise CheckpointError(
+            f"{path} has GGUF version {version}; qkv reads versions {', '.join(map(str, SUPPORTED_VERSIONS))} "
+            "(re-convert it with a current llama.cpp)"
+        )
+    n_tensors = cur.count("tensor count", 0)
+    n_kv = cur.count("metadata count", 0)
+    # The counts are checked against the space the records need (not at read time: the
+    # record sizes are only known as they are read).
+    if n_kv * _KV_MIN_SIZE + n_tensors * _TENSOR_INFO_MIN_SIZE > cur.remaining():
+        raise cur.error(
+            f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than the "
+            f"{cur.remaining()} bytes after the header can hold (the file is truncated or its header corrupt)"
+        )
+
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string("metadata key")
+        if key in metadata:
+            raise cur.error(f"metadata key {key!r} appears twice")
+        metadata[key] = cur.value(cur.value_type(key), key)
+
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1 or alignment & (alignment - 1):
+        raise cur.error(f"general.alignment={alignment!r} must be a positive power of two")
+
+    infos: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int, int]] = []
+    for _ in range(n_tensors):
+        at = cur.pos
+        name = cur.string("tensor name")
+        n_dims = cur.unpack("<I", f"dimension count of tensor {name}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.error(f"tensor {name!r} at byte {at} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
+        dims = [cur.unpack("<Q", f"dimension of tensor {name}") for _ in range(n_dims)]
+        code = cur.unpack("<I", f"type of tensor {name}")
+        try:
+            qtype = GGMLQuantizationType(code)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise cur.error(f"tensor {name} has unknown type id {code} (not a ggml tensor type)") from None
+        offset = cur.unpack("<Q", f"data offset of tensor {name}")
+        if dims[0] % block:
+            raise cur.error(f"tensor {name}: row length {dims[0]} is not a multiple of the {qtype.name} block {block}")
+        if offset % alignment:
+            raise cur.error(f"tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}")
+        infos.append((name, tuple(reversed(dims)), qtype, offset, math.prod(dims) // block * type_size))
+
+    data_offset = -(-cur.pos // alignment) * alignment
+    tensors: dict[str, TensorInfo] = {}
+    for name, shape, qtype, offset, n_bytes in infos:
+        if name in tensors:
+            raise cur.error(f"tensor {name} appears twice in the tensor table")
+        start = data_offset + offset
+        if start + n_bytes > cur.size:
+            raise cur.error(
+                f"tensor {name} ({qtype.name}, shape {shape}) needs bytes [{start}, {start + n_bytes}) but the "
+                f"file ends at {cur.size} (truncated file or corrupt offset)"
+            )
+        tensors[name] = TensorInfo(name, shape, qtype, start, n_bytes)
+    by_start = sorted(tensors.values(), key=lambda t: t.offset)
+    for a, b in itertools.pairwise(by_start):
+        if a.offset + a.n_bytes > b.offset:
+            raise cur.error(
+                f"tensor {a.name} (bytes [{a.offset}, {a.offset + a.n_bytes})) overlaps tensor {b.name} "
+                f"(starting at byte {b.offset}); the tensor table is corrupt"
+            )
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset, data)

@@ -1,0 +1,43 @@
+"""Reading tokenizer files: errors that name the file and say what is wrong with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qkv.errors import TokenizerError
+
+
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a TokenizerError names the file when it is missing, empty or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TokenizerError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if not data.strip():
+        raise TokenizerError(f"{what} {path} is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def read_json(path: Path, what: str, expect: type = dict) -> Any:
+    """Parse the JSON file ``path``; a TokenizerError says which file and where it is malformed."""
+    text = read_text(path, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TokenizerError(
+            f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
+            "(is the file truncated?)"
+        ) from None
+    if not isinstance(value, expect):
+        raise TokenizerError(
+            f"{what} {path} holds a JSON {type(value).__name__}, expected a JSON "
+            f"{'object' if expect is dict else expect.__name__}"
+        )
+    return value

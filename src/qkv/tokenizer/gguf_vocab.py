@@ -1,0 +1,283 @@
+"""The vocabulary stored in a GGUF file's metadata, as a Hugging Face `tokenizers` engine.
+
+GGUF (llama.cpp) keeps no tokenizer.json; it stores the vocabulary under ``tokenizer.ggml.*``:
+``model`` (``gpt2`` or ``llama``), ``tokens``, ``scores``, ``token_type``, ``merges``, ``pre``,
+``bos_token_id``/``eos_token_id``/``padding_token_id``/``unknown_token_id``, ``add_bos_token``,
+``add_eos_token``, ``add_space_prefix``, and ``tokenizer.chat_template``. Both models are rebuilt to
+tokenize as llama.cpp does (``src/llama-vocab.cpp``):
+
+- ``gpt2``: byte-level BPE with the stored merges, pre-tokenized by the regex ``pre`` names.
+- ``llama``: SentencePiece BPE. llama.cpp joins the adjacent pair whose join is the token with the
+  highest score, so every cut of a token into two tokens is a merge, ranked by score. Characters
+  no token covers fall back to ``<0xNN>`` byte tokens. Spaces are ``▁`` and every run of text gets a
+  leading ``▁`` (llama.cpp adds it at the start and after each special token, as SentencePiece's
+  ``add_dummy_prefix``).
+
+The checkpoint loader reuses :func:`tokenizer_from_gguf_fields` with the fields it has read.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Engine
+from tokenizers.models import BPE
+
+from qkv.errors import TokenizerError
+from qkv.tokenizer.base import Tokenizer
+from qkv.tokenizer.byte_level import ALPHABET, bytes_to_piece
+from qkv.tokenizer.tiktoken_format import ENCODINGS
+
+# gguf.TokenType
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class PreTokenization:
+    """How a ``gpt2``-model vocabulary splits text before BPE (llama.cpp ``llama_vocab_pre_type``)."""
+
+    build: Callable[[], pre_tokenizers.PreTokenizer]
+    ignore_merges: bool = False  # a pre-token that is a whole token is taken as is (LLaMA 3)
+    add_bos: bool = False  # llama.cpp's default when the file has no add_bos_token
+
+
+def _split_then_bytes(pattern: str) -> Callable[[], pre_tokenizers.PreTokenizer]:
+    return lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+_LLAMA3 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2 is LLaMA 3's regex with single digits.
+_QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+_GPT2 = PreTokenization(lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+_DIGITS_THEN_GPT2 = PreTokenization(
+    lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+)
+_LLAMA3_PRE = PreTokenization(_split_then_bytes(_LLAMA3), ignore_merges=True, add_bos=True)
+_QWEN2_PRE = PreTokenization(_split_then_bytes(_QWEN2))
+_GPT4O_PRE = PreTokenization(_split_then_bytes(ENCODINGS["o200k_base"].pattern))
+
+# `tokenizer.ggml.pre` -> pre-tokenization, after llama.cpp's table (src/llama-vocab.cpp).
+PRE_TOKENIZATIONS: dict[str, PreTokenization] = {
+    "default": _GPT2,
+    "gpt2": _GPT2,
+    "gpt-2": _GPT2,
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), _LLAMA3_PRE),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_PRE),
+    **dict.fromkeys(
+        ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"), _DIGITS_THEN_GPT2
+    ),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_PRE),
+}
+
+
+def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``tokenizer.*`` metadata of a GGUF file as Python values; TokenizerError if unreadable."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+    except Exception as exc:  # the gguf package raises ValueError, struct/IndexError... on bad files
+        raise TokenizerError(f"GGUF file {path} could not be read: {type(exc).__name__}: {exc}") from None
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer stored in the GGUF file at ``path``."""
+    return tokenizer_from_gguf_fields(read_gguf_metadata(path), source=str(path))
+
+
+def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str = "GGUF metadata") -> Tokenizer:
+    """A Tokenizer from GGUF metadata: ``{"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens":
+    [...], ...}`` (values as ``gguf.ReaderField.contents()`` returns them). ``source`` names the
+    file in error messages."""
+    fields = _Fields(fields, source)
+    model = fields.get("tokenizer.ggml.model", str)
+    if model is None:
+        raise TokenizerError(f"{source} holds no tokenizer vocabulary (no tokenizer.ggml.model key)")
+    tokens = fields.require("tokenizer.ggml.tokens", list)
+    if not tokens or not all(isinstance(t, str) for t in tokens):
+        raise TokenizerError(f"{source}: tokenizer.ggml.tokens must be a non-empty list of strings")
+    types = fields.get("tokenizer.ggml.token_type", list) or [NORMAL] * len(tokens)
+    fields.check_length("tokenizer.ggml.token_type", types, len(tokens))
+
+    if model == "gpt2":
+        engine, add_bos_default = _byte_level_bpe(fields, tokens, types)
+    elif model == "llama":
+        engine, add_bos_default = _sentencepiece_bpe(fields, tokens, types), True
+    else:
+        raise TokenizerError(f"{source}: tokenizer.ggml.model {model!r} is not supported (supported: gpt2, llama)")
+
+    engine.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN)]
+    )
+    engine.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    )
+
+    roles = {}
+    for role, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding"), ("unk_token", "unknown")):
+        token_id = fields.get(f"tokenizer.ggml.{key}_token_id", int)
+        if token_id is not None:
+            if not 0 <= token_id < len(tokens):
+                raise TokenizerError(
+                    f"{source}: tokenizer.ggml.{key}_token_id {token_id} is outside the vocabulary of {len(tokens)}"
+                )
+            roles[role] = tokens[token_id]
+
+    add_bos = fields.get("tokenizer.ggml.add_bos_token", bool)
+    add_eos = fields.get("tokenizer.ggml.add_eos_token", bool)
+    processor = _bos_eos_processor(
+        roles.get("bos_token") if (add_bos if add_bos is not None else add_bos_default) else None,
+        roles.get("eos_token") if add_eos else None,
+        engine,
+    )
+    if processor is not None:
+        engine.post_processor = processor
+    return Tokenizer(
+        engine,
+        special_tokens=roles,
+        chat_template=fields.get("tokenizer.chat_template", str),
+        source_format="gguf",
+    )
+
+
+def _byte_level_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> tuple[Engine, bool]:
+    merges = []
+    for i, merge in enumerate(fields.require("tokenizer.ggml.merges", list)):
+        parts = merge.split(" ") if isinstance(merge, str) else ()
+        if len(parts) != 2 or not all(parts):
+            raise TokenizerError(f"{fields.source}: tokenizer.ggml.merges[{i}] is {merge!r}, expected 'left right'")
+        merges.append((parts[0], parts[1]))
+    # Normal tokens are spelled in GPT-2's byte alphabet; a few converters store some as plain
+    # text, which is respelled (as transformers' GGUF loader does).
+    vocab = {
+        token if kind != NORMAL or set(token) <= ALPHABET else bytes_to_piece(token.encode("utf-8")): i
+        for i, (token, kind) in enumerate(zip(tokens, types))
+    }
+    for i, (left, right) in enumerate(merges):
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerError(
+                f"{fields.source}: tokenizer.ggml.merges[{i}] {left + ' ' + right!r} joins tokens "
+                "that are not in tokenizer.ggml.tokens"
+            )
+    pre = fields.get("tokenizer.ggml.pre", str) or "default"
+    pre_tokenization = PRE_TOKENIZATIONS.get(pre)
+    if pre_tokenization is None:
+        warnings.warn(
+            f"{fields.source}: pre-tokenizer {pre!r} is not known to qkv; splitting text as GPT-2 does, "
+            "which may give different ids from llama.cpp",
+            stacklevel=3,
+        )
+        pre_tokenization = _GPT2
+    engine = Engine(BPE(vocab, merges, fuse_unk=False, ignore_merges=pre_tokenization.ignore_merges))
+    engine.pre_tokenizer = pre_tokenization.build()
+    engine.decoder = decoders.ByteLevel()
+    engine.post_processor = processors.ByteLevel(trim_offsets=False)
+    return engine, pre_tokenization.add_bos
+
+
+def _sentencepiece_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> Engine:
+    scores = fields.require("tokenizer.ggml.scores", list)
+    fields.check_length("tokenizer.ggml.scores", scores, len(tokens))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    missing_bytes = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
+    if missing_bytes and BYTE in types:
+        raise TokenizerError(
+            f"{fields.source}: byte tokens <0x{missing_bytes[0]:02X}> ... are missing from tokenizer.ggml.tokens"
+        )
+    ranked = []
+    for token, token_id in vocab.items():
+        for cut in range(1, len(token)):
+            left_id, right_id = vocab.get(token[:cut]), vocab.get(token[cut:])
+            if left_id is not None and right_id is not None:
+                ranked.append((-scores[token_id], token_id, left_id, right_id))
+    ranked.sort()
+    merges = [(tokens[left], tokens[right]) for _, _, left, right in ranked]
+    unk_id = fields.get("tokenizer.ggml.unknown_token_id", int)
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    engine = Engine(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=not missing_bytes))
+    add_prefix = fields.get("tokenizer.ggml.add_space_prefix", bool)
+    add_prefix = True if add_prefix is None else add_prefix
+    # A normaliser, not Metaspace: Metaspace does not add a second ▁ to text that starts with a
+    # space, llama.cpp and SentencePiece do (" hi" -> "▁▁hi").
+    steps = [normalizers.Prepend("▁")] if add_prefix else []
+    engine.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    engine.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            *([decoders.Strip(" ", 1, 0)] if add_prefix else []),
+        ]
+    )
+    return engine
+
+
+def _bos_eos_processor(bos: str | None, eos: str | None, engine: Engine) -> processors.PostProcessor | None:
+    """Adds ``bos`` before and ``eos`` after each sequence, as llama.cpp's add_bos/add_eos."""
+    if bos is None and eos is None:
+        return None
+
+    def sequence(name: str, type_id: int) -> str:
+        return " ".join(f"{part}:{type_id}" for part in (bos, name, eos) if part)
+
+    specials = [(t, engine.token_to_id(t)) for t in dict.fromkeys((bos, eos)) if t]
+    return processors.TemplateProcessing(
+        single=sequence("$A", 0),
+        pair=f"{sequence('$A', 0)} {sequence('$B', 1)}",
+        special_tokens=specials,
+    )
+
+
+class _Fields:
+    """GGUF metadata with typed look-ups whose errors name the file and the key."""
+
+    def __init__(self, fields: Mapping[str, Any], source: str) -> None:
+        self.fields, self.source = fields, source
+
+    def get(self, key: str, kind: type) -> Any:
+        value = self.fields.get(key)
+        if value is None:
+            return None
+        if kind is list and (isinstance(value, tuple) or hasattr(value, "tolist")):
+            value = list(value.tolist() if hasattr(value, "tolist") else value)  # numpy arrays from other readers
+        if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TokenizerError(f"{self.source}: {key} is a {type(value).__name__}, expected {kind.__name__}")
+        return value
+
+    def require(self, key: str, kind: type) -> Any:
+        value = self.get(key, kind)
+        if value is None:
+            raise TokenizerError(f"{self.source}: the vocabulary has no {key}")
+        return value
+
+    def check_length(self, key: str, values: Sequence, expected: int) -> None:
+        if len(values) != expected:
+            raise TokenizerError(
+                f"{self.source}: {key} has {len(values)} entries but tokenizer.ggml.tokens has {expected}"
+            )

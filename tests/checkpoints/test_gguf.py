@@ -1,0 +1,265 @@
+"""GGUF loading against Hugging Face transformers.
+
+Each test writes a GGUF file from a tiny random `LlamaForCausalLM` the way llama.cpp's
+`convert_hf_to_gguf.py` does (its tensor names, its Q/K row permutation, its metadata keys),
+stores the weights in one tensor type, and checks that qkv's logits equal those of
+`transformers` loading the same file, and, for F32 files, those of the original model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qkv.checkpoints.gguf import config_from_gguf, is_gguf_file, load_gguf, read_gguf, unpermute_rope_rows
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+Q = gguf.GGMLQuantizationType
+TOL = 1e-4
+
+_BASE = dict(
+    vocab_size=97, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+# Rows of 96/160 suit the 32-wide blocks; K-quants need rows that are multiples of 256.
+CONFIGS: dict[str, dict] = {
+    "gqa-6-2": _BASE,
+    "mqa-tied": {**_BASE, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    "k-quants": {**_BASE, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8},
+    "bias-head-dim-32": {**_BASE, "head_dim": 32, "attention_bias": True, "mlp_bias": True},
+    "rope-linear": {**_BASE, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
+    "rope-llama3": {**_BASE, "rope_parameters": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0}},
+    "rope-yarn": {**_BASE, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}},
+}  # fmt: skip
+K_QUANTS = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Where each K-quant block keeps its float16 super-scale(s) (gguf.quants' block layouts), and a
+# typical value that gives weights of std ~0.03.
+_K_SCALES = {Q.Q2_K: ((80, 84), 2e-3), Q.Q3_K: ((108, 110), 6e-4), Q.Q4_K: ((0, 4), 1.2e-4),
+             Q.Q5_K: ((0, 4), 6e-5), Q.Q6_K: ((208, 210), 2e-5)}  # fmt: skip
+
+
+def make_hf_llama(name: str, seed: int = 0):
+    """A tiny random LlamaForCausalLM with every weight perturbed away from its init."""
+    config = transformers.LlamaConfig(**CONFIGS[name])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    """`LlamaModel.permute` of llama.cpp's convert_hf_to_gguf.py, verbatim in numpy."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """`rope_freqs.weight` as convert_hf_to_gguf.py computes it for rope_type llama3."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def random_k_quant(shape: tuple[int, ...], qtype, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of a K-quant type (gguf has no Python K-quantizer) with small, finite scales."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (math.prod(shape) // block, type_size), dtype=np.uint8)
+    (lo, hi), typical = _K_SCALES[qtype]
+    scales = rng.uniform(typical / 2, typical * 1.5, (blocks.shape[0], (hi - lo) // 2)).astype(np.float16)
+    blocks[:, lo:hi] = scales.view(np.uint8)
+    return blocks.reshape(*shape[:-1], -1)
+
+
+def encode(data: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
+    if qtype in K_QUANTS:
+        return random_k_quant(data.shape, qtype, rng)
+    return gguf.quants.quantize(data, qtype)
+
+
+def write_gguf(hf, path, qtype=Q.F32) -> None:
+    """`hf` as llama.cpp's converter writes it: 2-D weights in `qtype`, norms in F32."""
+    c = hf.config
+    rope = c.rope_parameters
+    head_dim = c.head_dim
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    if rope["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    elif rope["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    elif rope["rope_type"] == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    rng = np.random.default_rng(0)
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue  # the converter writes no output.weight for tied models
+        data = tensor.float().numpy()
+        if ".q_proj." in name:
+            data = llama_cpp_permute(data, c.num_attention_heads, c.num_attention_heads)
+        elif ".k_proj." in name:
+            data = llama_cpp_permute(data, c.num_attention_heads, c.num_key_value_heads)
+        kind = qtype if data.ndim == 2 else Q.F32
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), encode(data, kind, rng), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _ids(vocab: int, batch: int = 2, length: int = 40) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def gguf_file(tmp_path):
+    """Write `name`'s model in `qtype` -> (HF model, path)."""
+
+    def write(name: str, qtype=Q.F32):
+        hf = make_hf_llama(name)
+        path = tmp_path / f"{name}.{qtype.name}.gguf"
+        write_gguf(hf, path, qtype)
+        return hf, path
+
+    return write
+
+
+@pytest.mark.parametrize("n_head, n_head_kv", [(6, 6), (6, 2), (9, 3), (4, 1)])
+def test_unpermute_inverts_llama_cpp_permute(n_head, n_head_kv):
+    rows = n_head_kv * 16
+    w = torch.randn(rows, 24)
+    stored = torch.from_numpy(llama_cpp_permute(w.numpy(), n_head, n_head_kv))
+    assert not torch.equal(stored, w)
+    assert torch.equal(unpermute_rope_rows(stored, n_head_kv), w)
+    bias = torch.randn(rows)
+    stored_bias = torch.from_numpy(llama_cpp_permute(bias.numpy(), n_head_kv, None))
+    assert torch.equal(unpermute_rope_rows(stored_bias, n_head_kv), bias)
+
+
+@pytest.mark.parametrize(
+    "name, qtype",
+    [("gqa-6-2", q) for q in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)]
+    + [("mqa-tied", Q.Q8_0)]
+    + [("k-quants", q) for q in K_QUANTS],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_logits_match_transformers_gguf_loader(gguf_file, name, qtype):
+    _, path = gguf_file(name, qtype)
+    model = load_gguf(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        diff = (model(ids).logits - ref.eval()(ids).logits).abs().max().item()
+    assert diff <= TOL, (name, qtype.name, diff)
+
+
+@pytest.mark.parametrize("name", ["gqa-6-2", "mqa-tied", "bias-head-dim-32", "rope-linear", "rope-llama3", "rope-yarn"])
+def test_f32_file_matches_original_model(gguf_file, name):
+    hf, path = gguf_file(name)
+    model = load_gguf(path)
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        diff = (model(ids).logits - hf(ids).logits).abs().max().item()
+    assert diff <= TOL, (name, diff)
+
+
+@pytest.mark.parametrize("name", ["gqa-6-2", "mqa-tied", "bias-head-dim-32", "rope-llama3"])
+def test_config_from_metadata(gguf_file, name):
+    hf, path = gguf_file(name)
+    cfg, c = config_from_gguf(read_gguf(path)), hf.config
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.d_ff) == (97, c.hidden_size, 2, c.intermediate_size)
+    assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == (c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    assert (cfg.norm, cfg.mlp, cfg.position, cfg.max_seq_len) == ("rmsnorm", "swiglu", "rope", 64)
+    assert cfg.rope_theta == c.rope_parameters["rope_theta"]
+    assert cfg.norm_eps == pytest.approx(c.rms_norm_eps)
+    assert cfg.tie_embeddings == c.tie_word_embeddings
+    assert cfg.qkv_bias == cfg.attn_out_bias == cfg.mlp_bias == bool(c.attention_bias)
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
+    if name == "rope-llama3":
+        assert cfg.rope_scaling == {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}  # fmt: skip
+
+
+def test_loaded_model_is_materialized_and_tied(gguf_file):
+    _, path = gguf_file("mqa-tied", Q.Q8_0)
+    model = load_gguf(path)
+    assert not model.training
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.lm_head.weight is model.embed.tokens.weight
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    assert torch.allclose(model.rope.inv_freq, inv_freq)
+    assert model.tokenizer is None  # the tiny file carries no vocabulary
+
+
+def test_is_gguf_file(gguf_file, tmp_path):
+    _, path = gguf_file("gqa-6-2")
+    renamed = path.rename(tmp_path / "model.bin")
+    assert is_gguf_file(renamed)
+    (tmp_path / "broken.gguf").write_bytes(b"not gguf")  # by name: load_gguf then explains what is wrong
+    assert is_gguf_file(tmp_path / "broken.gguf")
+    (tmp_path / "config.json").write_text("{}")
+    assert not is_gguf_file(tmp_path / "config.json")
+    assert not is_gguf_file(tmp_path)
+
+
+def test_bfloat16(gguf_file):
+    hf, path = gguf_file("gqa-6-2")
+    model = load_gguf(path, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.rope.inv_freq.dtype == torch.float32  # frequencies stay exact, as in HF
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        diff = (model(ids).logits.float() - hf(ids).logits).abs().max().item()
+    assert diff < 0.05
+
+
+def test_greedy_generation_matches_transformers(gguf_file):
+    _, path = gguf_file("gqa-6-2", Q.Q4_0)
+    model = load_gguf(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    prompt = _ids(model.config.vocab_size, 1, 5)
+    ours = model.generate(prompt, max_new_tokens=20)
+    theirs = ref.eval().generate(prompt, max_new_tokens=20, do_sample=False)
+    assert ours.tolist() == theirs.tolist()

@@ -19,6 +19,7 @@ from qkv.models.output import ModelOutput
 from qkv.nn.attention import AttentionInputs
 from qkv.nn.block import Block
 from qkv.nn.embedding import Embeddings
+from qkv.nn.linear import Linear
 from qkv.nn.mask import alibi_bias, build_attention_mask
 from qkv.nn.norm import make_norm
 from qkv.nn.position import RotaryEmbedding, alibi_slopes
@@ -60,7 +61,7 @@ class DecoderLM(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
         if not self.lm_head.weight.is_meta:  # built on meta to be loaded: skip the random init

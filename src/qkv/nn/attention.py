@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.nn.linear import Linear
 from qkv.nn.mask import AttentionMask
 from qkv.nn.position import apply_rotary
 
@@ -110,11 +111,11 @@ class Attention(nn.Module):
         self.kind = "sliding" if cfg.sliding_window and not cross else "full"
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         if cross:
-            self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
-            self.kv_proj = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.qkv_bias)
+            self.q_proj = Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+            self.kv_proj = Linear(cfg.d_model, 2 * kv_dim, bias=cfg.qkv_bias)
         else:
-            self.qkv_proj = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
+            self.qkv_proj = Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_dim, cfg.d_model, bias=cfg.attn_out_bias)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape

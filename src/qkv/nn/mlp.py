@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.nn.linear import Linear
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -33,8 +34,8 @@ class MLP(nn.Module):
         self.gated = cfg.gated_mlp
         self.act = ACTIVATIONS[cfg.mlp]
         self.d_ff = cfg.d_ff
-        self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.up = Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.mlp_bias)
+        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)

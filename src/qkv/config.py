@@ -136,6 +136,15 @@ class ModelConfig:
                 raise ValueError("ModelConfig: the rotary dimension (head_dim * partial_rotary_factor) must be even")
         if self.rope_scaling is not None:
             self._check_rope_scaling()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} lies outside the vocabulary [0, {self.vocab_size}); "
+                    "set it to None or to a valid id"
+                )
         if self.family == "vit":
             for name in ("image_size", "patch_size"):
                 _positive(name, getattr(self, name))

@@ -106,7 +106,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pad_token_id": 2,
     },
     # Tiny variants: same layer types, small shapes. For tests and `make demo`.
-    "tiny-gpt2": {**_GPT2, "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
+    "tiny-gpt2": {
+        **_GPT2,
+        "vocab_size": 512,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "max_seq_len": 128,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
     "tiny-llama": {
         **_LLAMA,
         "vocab_size": 512,

@@ -133,6 +133,15 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
         raise CheckpointError(f"{origin}: Qwen2 per-layer sliding windows (use_sliding_window=true) are not supported")
     if model_type == "gpt2" and hf.get("scale_attn_weights") is False:
         values["attn_scale"] = 1.0
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        # HF configs often keep a family default (GPT-2's 50256) on resized vocabularies; HF itself
+        # only warns. An id the model cannot emit is dropped rather than carried into generation.
+        value = values.get(name)
+        if isinstance(value, list):
+            value = [i for i in value if isinstance(i, int) and 0 <= i < values["vocab_size"]] or None
+        elif value is not None and not (isinstance(value, int) and 0 <= value < values["vocab_size"]):
+            value = None
+        values[name] = value
     values["extra"] = {"hf_model_type": model_type}
     try:
         return ModelConfig(**values)

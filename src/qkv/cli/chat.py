@@ -30,6 +30,11 @@ def run(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{args.model} carries no tokenizer; chat needs one")
+    if getattr(tok, "chat_template", None) is None:  # say so before reading any input
+        raise ValueError(
+            f"{args.model} has no chat template (none in its tokenizer_config.json or GGUF metadata); "
+            "add a chat_template there, or use `qkv generate` to continue plain text"
+        )
     options = sampling_options(args)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -64,6 +64,20 @@ def read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
+def encode_checked(args: argparse.Namespace, model, tok, prompt: str, add_special: bool) -> list[int]:
+    """The prompt's ids; a ValueError naming the flag when it is empty or does not fit the context."""
+    from qkv.generation.decode import context_budget
+    from qkv.generation.text import encode_prompt
+
+    try:
+        ids = encode_prompt(tok, prompt, add_special)
+        context_budget(model, len(ids), args.max_new_tokens)
+    except ValueError as exc:
+        flag = f"--prompt-file {args.prompt_file}" if args.prompt_file else "--prompt"
+        raise ValueError(f"{flag}: {exc}") from None
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
     from qkv.generation.text import stream_completion
     from qkv.load import load
@@ -80,12 +94,12 @@ def run(args: argparse.Namespace) -> int:
         ]
         prompt, add_special = tok.apply_chat_template(messages, add_generation_prompt=True), False
     options = sampling_options(args)
+    ids = encode_checked(args, model, tok, prompt, add_special)
     if args.num_beams > 1:
-        return _run_beam(args, model, tok, prompt, add_special, options)
+        return _run_beam(args, model, tok, ids, options)
     result = None
     for item in stream_completion(
-        model, tok, prompt, add_special_tokens=add_special, top_logprobs=args.logprobs,
-        logprobs=bool(args.logprobs), **options,
+        model, tok, ids, top_logprobs=args.logprobs, logprobs=bool(args.logprobs), **options
     ):  # fmt: skip
         if isinstance(item, str):
             if args.stream:
@@ -102,17 +116,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_beam(args, model, tok, prompt, add_special, options) -> int:
+def _run_beam(args, model, tok, ids, options) -> int:
     import torch
 
-    ids = tok.encode(prompt, add_special_tokens=add_special)
-    if not ids:
-        raise ValueError("the prompt is empty and the tokenizer adds no BOS token; give a non-empty prompt")
+    # `is not None`, not `or`: id 0 is a valid EOS (GPT-2-style trained tokenizers put it there).
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     out = model.generate(
-        torch.tensor([ids]), max_new_tokens=options["max_new_tokens"], num_beams=args.num_beams,
-        eos_token_id=tok.eos_token_id or model.config.eos_token_id,
+        torch.tensor([ids]), max_new_tokens=options["max_new_tokens"], num_beams=args.num_beams, eos_token_id=eos,
     )  # fmt: skip
-    new = [t for t in out[0, len(ids) :].tolist() if t != tok.eos_token_id]
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+    new = out[0, len(ids) :].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]  # EOS and the padding after it
     text = tok.decode(new, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"text": text, "token_ids": new, "num_beams": args.num_beams}, ensure_ascii=False))

@@ -72,6 +72,7 @@ def check_options(
     min_p: float | None = None,
     repetition_penalty: float | None = None,
     num_return_sequences: int = 1,
+    typical_p: float | None = None,
 ) -> None:
     """Raise ValueError naming the first option out of range."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -86,6 +87,8 @@ def check_options(
         raise ValueError(f"min_p={min_p} must be in [0, 1]")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 disables it)")
+    if typical_p is not None and not 0.0 < typical_p <= 1.0:
+        raise ValueError(f"typical_p={typical_p} must be in (0, 1]")
     if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences={num_return_sequences!r} must be an integer >= 1")
 
@@ -190,11 +193,16 @@ def generate(
     model's context length. Left-padded batches pass `attention_mask` [B, T]; each row then equals
     generating it alone.
     """
-    check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences)
+    check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences, typical_p)
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
     if num_beams > 1:
         from qkv.generation.beam import beam_search
+
+        if temperature != 0.0:
+            raise ValueError("beam search is deterministic: use temperature=0 with num_beams > 1")
 
         return beam_search(
             model, input_ids, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
@@ -222,4 +230,6 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     steps = decode_steps(model, input_ids, n_new, processors, greedy, generator, eos, pad, attention_mask)
     new = [step.tokens for step in steps]
+    if not new:  # the prompt already fills the context
+        return input_ids
     return torch.cat((input_ids, torch.stack(new, dim=1)), dim=1)

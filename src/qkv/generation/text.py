@@ -68,12 +68,14 @@ class TextStream:
                 piece, self.emitted = self.text[self.emitted :], len(self.text)
                 return piece
         self.text = text
-        safe = len(text.rstrip("\ufffd"))
-        safe = min(safe, _last_grapheme_start(text))
+        # Trailing U+FFFD is a character whose bytes are still arriving: the holds below apply to the
+        # text before it, whose last grapheme (or stop-string prefix) that character may extend.
+        whole = text.rstrip("\ufffd")
+        safe = _last_grapheme_start(whole)
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
+            for k in range(min(len(s) - 1, len(whole)), 0, -1):
+                if whole.endswith(s[:k]):
+                    safe = min(safe, len(whole) - k)
                     break
         if safe <= self.emitted:
             return ""
@@ -111,6 +113,8 @@ class Completion:
     @property
     def decode_tokens_per_second(self) -> float:
         n = max(self.completion_tokens - 1, 0)  # the first token comes from the prefill
+        if n == 0:  # nothing decoded after the prefill (0/0): report 0, never inf (invalid in JSON)
+            return 0.0
         return n / self.decode_seconds if self.decode_seconds > 0 else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def stream_completion(
 
     Stopping the iteration early is allowed and frees everything (the cache lives in the loop).
     """
-    check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, typical_p=typical_p)
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     ids = encode_prompt(tokenizer, prompt, add_special_tokens)
     n_new = context_budget(model, len(ids), max_new_tokens)

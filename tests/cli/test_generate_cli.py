@@ -1,0 +1,152 @@
+"""`qkv generate`: prints what the library's `complete()` returns; bad input is a one-line error, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qkv import DecoderLM, ModelConfig
+from qkv.checkpoints.native import save_native
+from qkv.cli.main import main
+from qkv.generation.text import complete
+from qkv.load import load
+from qkv.tokenizer import train_tokenizer
+
+PROMPT = "The quick brown"
+CORPUS = ["The quick brown fox jumps over the lazy dog."] * 20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random DecoderLM + trained byte-level BPE, saved natively. The head never favours
+    single-byte tokens (their logits are 0), so greedy text is readable, multi-character tokens."""
+    tok = train_tokenizer(kind="bpe", texts=CORPUS, vocab_size=300, show_progress=False)
+    assert tok.encode("") == []  # no BOS is added: an empty prompt stays empty
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=tok.vocab_size, max_seq_len=64, tie_embeddings=False)
+    model = DecoderLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:257] = 0.0  # <|endoftext|> and the 256 bytes
+    model.tokenizer = tok
+    return save_native(model, tmp_path_factory.mktemp("generate") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def library(checkpoint):
+    """What the library makes of the same checkpoint: (model, tokenizer, greedy Completion)."""
+    model = load(checkpoint)
+    return model, model.tokenizer, complete(model, model.tokenizer, PROMPT, max_new_tokens=12)
+
+
+def qkv(capsys, *argv) -> tuple[int, str, str]:
+    """Run `qkv ARGV` in-process -> (exit code, stdout, stderr); argparse's exits included."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_greedy_equals_complete(checkpoint, library, capsys):
+    _, _, ref = library
+    assert ref.finish_reason == "length" and len(ref.token_ids) == 12 and "\ufffd" not in ref.text
+    assert qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12) == (0, ref.text + "\n", "")
+
+
+def test_stream_prints_the_same_text(checkpoint, library, capsys):
+    assert qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--stream")[1] == library[2].text + "\n"
+
+
+def test_prompt_file(checkpoint, library, capsys, tmp_path):
+    (tmp_path / "prompt.txt").write_text(PROMPT, encoding="utf-8")
+    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt-file", tmp_path / "prompt.txt", "-n", 12)
+    assert (code, out) == (0, library[2].text + "\n")
+
+
+def test_json(checkpoint, library, capsys):
+    _, _, ref = library
+    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--json", "--logprobs", 2)
+    data = json.loads(out)
+    assert code == 0
+    assert (data["text"], data["token_ids"], data["finish_reason"]) == (ref.text, ref.token_ids, "length")
+    assert data["usage"] == {"prompt_tokens": ref.prompt_tokens, "completion_tokens": 12}
+    timings = data["timings"]
+    assert timings["prompt_tokens_per_second"] > 0 and timings["decode_tokens_per_second"] > 0
+    assert len(data["logprobs"]) == 12 and all(len(r["top"]) == 2 for r in data["logprobs"])
+
+
+def test_stop_string(checkpoint, library, capsys):
+    model, tok, ref = library
+    ids, text = ref.token_ids, ref.text
+    bound = len(tok.decode(ids[:2]))
+    stop = text[bound - 1 : bound + 1]  # straddles the second token boundary
+    at = text.index(stop)
+    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--stop", stop, "--json")
+    data = json.loads(out)
+    assert (code, data["text"], data["finish_reason"], data["stopped_by"]) == (0, text[:at], "stop", stop)
+    assert data["text"] == complete(model, tok, PROMPT, max_new_tokens=12, stop=[stop]).text
+
+
+def test_beam_search_passes_the_tokenizers_eos(checkpoint, library, capsys, monkeypatch):
+    # Token id 0 is the trained tokenizer's EOS: it must reach beam search, not the config's default.
+    model, tok, _ = library
+    seen = {}
+
+    def generate(input_ids, **kwargs):
+        seen.update(kwargs)
+        return torch.tensor([[*input_ids[0].tolist(), *tok.encode(" fox"), tok.eos_token_id, tok.eos_token_id]])
+
+    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(sys.modules["qkv.load"], "load", lambda *a, **k: model)  # `qkv.load` names the function
+    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "--num-beams", 3, "--json")
+    assert code == 0 and seen["eos_token_id"] == tok.eos_token_id == 0 and seen["num_beams"] == 3
+    assert json.loads(out) == {"text": " fox", "token_ids": tok.encode(" fox"), "num_beams": 3}
+
+
+BAD = {
+    "unknown flag": (["--bogus"], "--bogus"),
+    "temperature < 0": (["--temperature", "-0.5"], "--temperature"),
+    "top_p = 0": (["--top-p", "0"], "--top-p"),
+    "top_p > 1": (["--top-p", "1.5"], "--top-p"),
+    "top_k < 0": (["--top-k", "-1"], "--top-k"),
+    "max_new_tokens < 1": (["--max-new-tokens", "0"], "--max-new-tokens"),
+    "num_beams < 1": (["--num-beams", "0"], "--num-beams"),
+    "prompt past the context": (["--prompt", "the quick brown fox " * 40], "--prompt"),
+    "empty prompt, no BOS": (["--prompt", ""], "--prompt"),
+    "missing prompt file": (["--prompt-file", "no/such/prompt.txt"], "--prompt-file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_input_is_a_one_line_error(checkpoint, capsys, case):
+    extra, flag = BAD[case]
+    prompt = [] if any(a.startswith("--prompt") for a in extra) else ["--prompt", PROMPT]
+    code, out, err = qkv(capsys, "generate", checkpoint, *prompt, *extra)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and out == ""
+    assert len(errors) == 1 and flag in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_exit_code_of_the_process(checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "qkv.cli.main", "generate", str(checkpoint), "--prompt", "hi", "--top-k", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1] == "qkv generate: error: argument --top-k: -3 must be >= 0"

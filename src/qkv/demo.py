@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from qkv.viz import attention_maps, plot_attention
 
     parser = argparse.ArgumentParser(prog="python -m qkv.demo", description=__doc__)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=450)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--corpus-mb", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[2/4] training a byte-level BPE tokenizer and a small GPT (preset tiny-gpt-demo) ...")
     config = TrainingConfig(
         steps=args.steps, lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.1, eval_every=max(args.steps // 6, 1),
-        eval_batches=8, save_every=0, out_dir=str(out),
+        eval_batches=8, save_every=0, out_dir=str(out), bf16=True,
     )  # fmt: skip
     trainer = pretrain(files, "tiny-gpt-demo", config, seq_len=128, batch_size=24, vocab_size=4096, val_fraction=0.05)
     model, tok = trainer.model.eval(), trainer.model.tokenizer

@@ -36,8 +36,12 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Speed against peers, each printed as a ratio (see README, "Speed"). Minutes, not seconds.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/load.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/speculative.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -41,7 +41,23 @@ def _eager(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_we
     return weights @ v, (weights if need_weights else None)
 
 
+def _single_query(q, k, v, mask: AttentionMask, scale: float):
+    # One new token per sequence (the decode step): group the query heads that share a kv head
+    # into one matmul instead of expanding K/V; on CPU this beats the fused kernel's setup cost.
+    # Small bf16 batched matmuls are slower on CPU than converting to float32 first.
+    B, H, _, hd = q.shape
+    kv = k.shape[1]
+    scores = (q.view(B, kv, H // kv, hd).float() @ k.float().transpose(-2, -1)) * scale  # (B, KV, H/KV, S)
+    if mask.bias is not None:
+        bias = mask.bias  # (B|1, H|1, 1, S)
+        scores = scores + (bias.view(bias.shape[0], kv, H // kv, -1) if bias.shape[1] == H else bias)
+    weights = scores.softmax(dim=-1)
+    return (weights @ v.float()).to(q.dtype).view(B, H, 1, hd)
+
+
 def _sdpa(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_weights: bool):
+    if q.shape[2] == 1 and dropout_p == 0.0 and not mask.is_causal:
+        return _single_query(q, k, v, mask, scale), None
     bias = mask.bias.to(q.dtype) if mask.bias is not None else None
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=mask.is_causal, scale=scale,

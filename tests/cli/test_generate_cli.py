@@ -20,14 +20,6 @@ PROMPT = "The quick brown"
 CORPUS = ["The quick brown fox jumps over the lazy dog."] * 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny random DecoderLM + trained byte-level BPE, saved natively. The head never favours

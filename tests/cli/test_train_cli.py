@@ -3,20 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from qkv.cli.main import main
 from qkv.load import load
 
 pytest.importorskip("qkv.tokenizer")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -16,14 +16,6 @@ DRAWS = 20_000
 LOGITS = torch.tensor([1.5, -0.3, 0.8, 0.0, 2.1, -1.0, 0.4, 1.1])  # 8 tokens
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson's statistic of the observed token counts against the expected probabilities."""
     observed = torch.bincount(tokens.flatten(), minlength=len(probs)).double()

@@ -22,15 +22,6 @@ def tiny_model(seed: int = 0, **overrides) -> qkv.DecoderLM:
     return qkv.DecoderLM(cfg)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and far faster than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def blocks():
     g = torch.Generator().manual_seed(0)

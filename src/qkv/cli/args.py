@@ -3,50 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def _checked(cast: Callable[[str], float], ok: Callable[[float], bool], rule: str) -> Callable[[str], float]:
+    """An argparse type: `cast` the text, then require `ok(value)`; the message states `rule`."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} must be {rule}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
-    return value
-
-
-def probability(text: str) -> float:
-    """A float in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, ">= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
+non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+probability = _checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

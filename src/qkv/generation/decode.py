@@ -220,11 +220,16 @@ def generate(
     greedy = temperature == 0.0
     if processors is None:
         processors = build_processors(
-            temperature=1.0 if greedy else temperature, top_k=None if greedy else top_k,
-            top_p=None if greedy else top_p, min_p=None if greedy else min_p,
-            typical_p=None if greedy else typical_p, repetition=repetition_penalty,
-            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, prompt_len=T,
-        )  # fmt: skip
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repetition=repetition_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            prompt_len=T,
+        )
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     eos = eos_tensor(eos_token_id, input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)

@@ -87,7 +87,10 @@ def build_processors(
     typical_p: float | None = None,
     prompt_len: int = 0,
 ) -> list[LogitsProcessor]:
-    """The processor list for a set of sampling options (None/neutral values add nothing)."""
+    """The processor list for a set of sampling options (None/neutral values add nothing).
+
+    temperature=0 means greedy decoding: the sampling filters are left out.
+    """
     procs: list[LogitsProcessor] = []
     if repetition is not None and repetition != 1.0:
         procs.append(partial(repetition_penalty, penalty=repetition))
@@ -100,7 +103,9 @@ def build_processors(
                 prompt_len=prompt_len,
             )
         )
-    if temperature not in (0.0, 1.0):
+    if temperature == 0.0:
+        return procs  # greedy: only the penalties change the argmax; sampling filters would not
+    if temperature != 1.0:
         procs.append(partial(temperature_scale, temperature=temperature))
     if top_k:
         procs.append(partial(top_k_filter, k=top_k))

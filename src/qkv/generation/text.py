@@ -179,11 +179,16 @@ def stream_completion(
     eos = eos_tensor(eos_token_id, model.device)
     greedy = temperature == 0.0
     processors = build_processors(
-        temperature=1.0 if greedy else temperature, top_k=None if greedy else top_k,
-        top_p=None if greedy else top_p, min_p=None if greedy else min_p, typical_p=None if greedy else typical_p,
-        repetition=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        typical_p=typical_p,
+        repetition=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
         prompt_len=len(ids),
-    )  # fmt: skip
+    )
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     input_ids = torch.tensor([ids], device=model.device)
     text = TextStream(tokenizer, stop)

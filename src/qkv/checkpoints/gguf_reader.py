@@ -10,7 +10,12 @@ a library. The file is memory-mapped read-only; tensor bytes are read only when 
     f = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
     f.metadata["llama.block_count"]          # 30
     f.tensors["blk.0.attn_q.weight"].shape   # (576, 576), PyTorch order
-    f.dequantize("blk.0.attn_q.weight")      # float32 numpy array of that shape
+    f.tensor("blk.0.attn_q.weight")          # float32 torch tensor of that shape
+    f.tensor("blk.0.attn_q.weight", out=w)   # dequantized straight into `w` (a slice or view)
+
+The common tensor types (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized by vectorised torch
+code, bit for bit as `gguf.quants.dequantize` does (tests/checkpoints/test_gguf_reader.py); the
+others go through `gguf.quants`' numpy reference.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import itertools
 import math
 import os
 import struct
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 
@@ -41,6 +49,7 @@ _SCALARS: dict[GGUFValueType, str] = {
 }  # fmt: skip
 # Smallest encoding of one value of each type: a count of N items needs at least N times this.
 _MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, _T.STRING: 8, _T.ARRAY: 4 + 8}
+_U64 = struct.Struct("<Q")
 _TENSOR_INFO_MIN_SIZE = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 _KV_MIN_SIZE = 8 + 4 + 1  # key length, value type, smallest value
 
@@ -50,6 +59,52 @@ Q = GGMLQuantizationType
 DEQUANTIZABLE = frozenset(
     (Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 )
+
+
+# Block layouts from ggml (`ggml-common.h`: block_q8_0, block_q4_0, block_q4_1): an fp16 scale d
+# (and minimum m), then the quants; a Q4 byte holds element j in its low nibble and element j + 16
+# in its high one. Each kernel reads `blocks` [..., type_size] (uint8) and writes `out`
+# [..., block_size] (float32, any strides) with gguf.quants' own arithmetic, in float32, one
+# operation at a time (no fused multiply-add), so the values are identical to its numpy code.
+def _scale(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[..., at : at + 2].view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Packed bytes [..., 16] -> uint8 [..., 32]: every low nibble, then every high nibble.
+
+    Works on the widest words (4, 2 or 1 bytes) the bytes' alignment allows: fewer, wider operations.
+    """
+    offsets = (qs.storage_offset(), *qs.stride()[:-1])
+    words = next(w for w in (torch.int32, torch.int16, torch.uint8) if all(n % w.itemsize == 0 for n in offsets))
+    mask = int.from_bytes(b"\x0f" * words.itemsize, "little")
+    packed = qs.view(words)
+    out = torch.empty(*packed.shape[:-1], 2, packed.shape[-1], dtype=words)
+    torch.bitwise_and(packed, mask, out=out[..., 0, :])
+    torch.bitwise_and(packed >> 4, mask, out=out[..., 1, :])  # masked: an arithmetic shift is fine
+    return out.view(torch.uint8).flatten(-2)
+
+
+def _copy(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    return lambda blocks, out: out.copy_(blocks.view(dtype))
+
+
+def _q8_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(blocks[..., 2:].view(torch.int8)).mul_(_scale(blocks, 0))
+
+
+def _q4_0(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_nibbles(blocks[..., 2:]).view(torch.int8) - 8).mul_(_scale(blocks, 0))
+
+
+def _q4_1(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(_nibbles(blocks[..., 4:])).mul_(_scale(blocks, 0)).add_(_scale(blocks, 2))
+
+
+TORCH_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor], Any]] = {
+    Q.F32: _copy(torch.float32), Q.F16: _copy(torch.float16), Q.BF16: _copy(torch.bfloat16),
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -74,6 +129,7 @@ class GGUFFile:
     alignment: int
     data_offset: int
     _data: np.ndarray = field(repr=False)
+    _bytes: torch.Tensor | None = field(default=None, repr=False)
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of tensor `name` (a read-only uint8 view of the file), one row per row."""
@@ -83,7 +139,16 @@ class GGUFFile:
         return data.reshape(rows, -1) if rows else data
 
     def dequantize(self, name: str) -> np.ndarray:
-        """Tensor `name` as a writable float32 array of shape `tensors[name].shape`."""
+        """Tensor `name` as a writable float32 numpy array of shape `tensors[name].shape`."""
+        return self.tensor(name).numpy()
+
+    def tensor(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name` dequantized into `out`, or into a new float32 tensor of its shape.
+
+        out: any floating tensor or view with the tensor's number of elements, filled in the
+        file's row-major element order, e.g. a slice of a fused weight or a permuted view of one
+        (the loader writes Q and K rows through the inverse of llama.cpp's RoPE permutation).
+        """
         info = self.tensors[name]
         if info.qtype not in DEQUANTIZABLE:
             supported = ", ".join(sorted(t.name for t in DEQUANTIZABLE))
@@ -91,9 +156,25 @@ class GGUFFile:
                 f"{self.path}: tensor {name} is stored as {info.qtype.name}, which qkv cannot dequantize "
                 f"(supported: {supported}); re-quantize the model to one of those types"
             )
-        values = gguf_dequantize(self.raw(name), info.qtype).reshape(info.shape)
-        # F32 comes back as a view of the read-only map; torch wants memory it may write.
-        return values if values.flags.writeable and values.dtype == np.float32 else values.astype(np.float32)
+        if out is None:
+            out = torch.empty(info.shape, dtype=torch.float32)
+        if out.numel() != math.prod(info.shape):
+            raise ValueError(f"{name} has shape {info.shape}; cannot dequantize it into a tensor of shape {out.shape}")
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        kernel = TORCH_KERNELS.get(info.qtype)
+        if kernel is None or info.offset % 4:  # a file aligned to less than 4 bytes: numpy reads it
+            values = np.require(gguf_dequantize(self.raw(name), info.qtype), np.float32, "W")  # F32: the map
+            return out.copy_(torch.from_numpy(values).view(out.shape))
+        if out.dtype != torch.float32 or out.shape[-1] % block:  # compute in float32, then cast/reshape
+            return out.copy_(self.tensor(name).view(out.shape))
+        if self._bytes is None:
+            with warnings.catch_warnings():  # the map is read-only; qkv never writes to it
+                warnings.simplefilter("ignore", UserWarning)
+                self._bytes = torch.from_numpy(self._data)
+        lead, n_blocks = out.shape[:-1], out.shape[-1] // block
+        blocks = self._bytes[info.offset : info.offset + info.n_bytes].view(*lead, n_blocks, type_size)
+        kernel(blocks, out.unflatten(-1, (n_blocks, block)))
+        return out
 
 
 class _Cursor:
@@ -143,6 +224,25 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.error(f"{what} at byte {at} is not valid UTF-8") from None
 
+    def strings(self, n: int, what: str) -> list[str]:
+        """`n` strings in a row, as `string` reads them but without its per-call cost (a vocabulary
+        holds ~10^5). At the first one that is cut off or not UTF-8, `string` takes over to say why."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        for _ in range(n):
+            if size - pos < 8:
+                break
+            end = pos + 8 + _U64.unpack_from(buf, pos)[0]
+            if end > size:
+                break
+            try:
+                out.append(str(buf[pos + 8 : end], "utf-8"))
+            except UnicodeDecodeError:
+                break
+            pos = end
+        self.pos = pos
+        out.extend(self.string(what) for _ in range(n - len(out)))
+        return out
+
     def value_type(self, key: str) -> GGUFValueType:
         at = self.pos
         code = self.unpack("<I", f"value type of {key!r}")
@@ -166,6 +266,8 @@ class _Cursor:
             values = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos)
             self.pos += n * dtype.itemsize
             return values.astype(bool).tolist() if etype == _T.BOOL else values.tolist()
+        if etype == _T.STRING:
+            return self.strings(n, f"value of {key!r}")
         return [self.value(etype, key, depth + 1) for _ in range(n)]
 
 

@@ -7,7 +7,8 @@ place (`load_state_dict(assign=True)`), tied weights are re-tied, and the non-pe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,8 +41,26 @@ def model_class(cfg: ModelConfig) -> Callable[[ModelConfig], nn.Module]:
 
 def build_on_meta(cfg: ModelConfig) -> nn.Module:
     """The model for `cfg` with every parameter on the meta device (no memory, no init)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         return model_class(cfg)(cfg)
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Make `torch.nn.init`'s initialisers no-ops (as transformers' `no_init_weights` does).
+
+    On meta tensors they compute nothing, yet `normal_` runs through torch's Python
+    decompositions, and their first use imports torch._dynamo: ~1 s, most of a GGUF load.
+    """
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def materialize(

@@ -122,9 +122,12 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the frequencies, e.g. after the model was built on the meta device."""
-        if device is None and not self.inv_freq.is_meta:
+        if device is None:
             device = self.inv_freq.device
-        inv_freq, self.scale = rope_inv_freq(self.cfg)
+        # On the CPU, then moved: on the meta device (a model built to be loaded) the arithmetic
+        # would run through torch's Python decompositions, whose first use imports torch._dynamo.
+        with torch.device("cpu"):
+            inv_freq, self.scale = rope_inv_freq(self.cfg)
         self.inv_freq = inv_freq.to(device)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

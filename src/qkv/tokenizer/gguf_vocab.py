@@ -92,16 +92,17 @@ PRE_TOKENIZATIONS: dict[str, PreTokenization] = {
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``tokenizer.*`` metadata of a GGUF file as Python values; TokenizerError if unreadable."""
-    import gguf
+    from qkv.checkpoints.gguf_reader import read_gguf
+    from qkv.errors import CheckpointError
 
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"GGUF file {path} does not exist")
     try:
-        reader = gguf.GGUFReader(path)
-        return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    except Exception as exc:  # the gguf package raises ValueError, struct/IndexError... on bad files
-        raise TokenizerError(f"GGUF file {path} could not be read: {type(exc).__name__}: {exc}") from None
+        metadata = read_gguf(path).metadata  # qkv's validating reader: header only, no tensor data
+    except CheckpointError as exc:
+        raise TokenizerError(f"GGUF file {path} could not be read: {exc}") from None
+    return {key: value for key, value in metadata.items() if key.startswith("tokenizer.")}
 
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:

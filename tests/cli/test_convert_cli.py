@@ -1,0 +1,115 @@
+"""`qkv convert SRC DST --to hf|qkv`: conversions that transformers and qkv read back with equal logits,
+and destinations it refuses to overwrite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qkv
+from oracle import make_hf_model
+from qkv.cli.main import main
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A tiny random LLaMA (GQA 6/2, untied) saved by transformers -> (model, directory)."""
+    hf = make_hf_model("llama-gqa-6-2")
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-6-2", "llama-mqa-tied", "gpt2"])
+def test_hf_to_qkv_to_hf_round_trip(tmp_path, name, capsys):
+    hf = make_hf_model(name)
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "native"), "--to", "qkv"]) == 0
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "native"), str(tmp_path / "back")]
+    assert json.loads((tmp_path / "native" / "config.json").read_text())["format"] == "qkv"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = logits(hf, ids)
+    assert (logits(back, ids) - expected).abs().max() <= TOL
+    assert (logits(qkv.load(tmp_path / "native"), ids) - expected).abs().max() <= TOL
+
+
+def test_dtype_for_a_qkv_checkpoint(hf_dir, tmp_path, capsys):
+    assert main(["convert", str(hf_dir[1]), str(tmp_path / "bf16"), "--to", "qkv", "--dtype", "bfloat16"]) == 0
+    assert {p.dtype for p in qkv.load(tmp_path / "bf16").parameters()} == {torch.bfloat16}
+    assert main(["convert", str(hf_dir[1]), str(tmp_path / "x"), "--to", "hf", "--dtype", "bfloat16"]) == 2
+    assert "--to hf writes float32 weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_replaces_a_checkpoint_of_the_same_format(hf_dir, tmp_path):
+    dst = tmp_path / "out"
+    assert main(["convert", str(hf_dir[1]), str(dst), "--to", "qkv"]) == 0
+    assert main(["convert", str(hf_dir[1]), str(dst), "--to", "qkv", "--dtype", "float16"]) == 0
+    assert qkv.load(dst).lm_head.weight.dtype == torch.float16
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(dst), str(tmp_path / "empty"), "--to", "hf"]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
+NOTES = {"notes.txt": "keep me"}
+
+
+@pytest.mark.parametrize(
+    "files, to, message",
+    [
+        (NOTES, "hf", "a non-empty directory, not a Hugging Face checkpoint"),
+        (NOTES, "qkv", "a non-empty directory, not a qkv checkpoint"),
+        ({"config.json": '{"format": "qkv"}'}, "hf", "not a Hugging Face checkpoint"),
+    ],
+    ids=["other-dir-hf", "other-dir-qkv", "qkv-checkpoint-as-hf"],
+)
+def test_refuses_to_overwrite_what_is_not_a_checkpoint_of_that_format(hf_dir, tmp_path, capsys, files, to, message):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    for name, text in files.items():
+        (dst / name).write_text(text)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    assert main(["convert", str(hf_dir[1]), str(dst), "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkv convert: error: refusing to overwrite {dst}: ") and message in err
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "hf"]  # no temporary directory left
+
+
+def test_refuses_a_file_the_source_itself_and_a_missing_source(hf_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["convert", str(hf_dir[1]), str(tmp_path / "file"), "--to", "qkv"]) == 2
+    assert "it is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert main(["convert", str(hf_dir[1]), str(hf_dir[1]), "--to", "hf"]) == 2
+    assert "is the source itself" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "is not a known model name" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_smollm2_gguf_to_hf_loads_in_transformers_with_equal_logits(tmp_path, capsys):
+    """The real SmolLM2 GGUF (Q4_1, dequantized) -> HF directory -> transformers: the same logits as qkv."""
+    pytest.importorskip("accelerate")
+    dst = tmp_path / "smollm2-hf"
+    assert main(["convert", "smollm2-135m-instruct", str(dst), "--to", "hf"]) == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]  # fmt: skip
+    ours = qkv.load("smollm2-135m-instruct")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(dst)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ours.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == prompt
+    ids = torch.tensor([prompt + list(range(1000, 1032))])
+    assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= TOL

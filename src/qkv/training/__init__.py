@@ -10,9 +10,10 @@ from qkv.training.data import (
     split_blocks,
     tokenize_files,
 )
-from qkv.training.metrics import MetricsLog, plot_loss_curve
+from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer, param_groups, split_decay
 from qkv.training.trainer import NonFiniteLossError, Trainer, TrainingConfig
+from qkv.viz.loss_curve import plot_loss_curve
 
 __all__ = [
     "BlockLoader",

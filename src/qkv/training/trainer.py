@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 from qkv.checkpoints.native import load_native, load_training_state, save_native
 from qkv.errors import QkvError
 from qkv.training.data import causal_lm_batch, iter_blocks
-from qkv.training.metrics import MetricsLog, plot_loss_curve
+from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer
+from qkv.viz.loss_curve import plot_loss_curve
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"

@@ -41,17 +41,17 @@ def plot_attention(
     Tokens label the axes (queries down, keys across) when there are few enough to read.
     Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     L, H, T, S = weights.shape
     if len(tokens) != T:
         raise ValueError(f"got {len(tokens)} token labels for attention over {T} positions")
     rows, cols = _select(L, layers, "layer"), _select(H, heads, "head")
     cell = max(1.6, min(0.28 * T, 6.0))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(cell * len(cols) + 1, cell * len(rows) + 1), squeeze=False)
+    fig = Figure(figsize=(cell * len(cols) + 1, cell * len(rows) + 1))
+    FigureCanvasAgg(fig)  # no pyplot: no display needed, the caller's backend is left alone
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
     labels = [t.replace("\n", "\\n") for t in tokens]
     show_labels = T <= 48
     for r, layer in enumerate(rows):
@@ -70,5 +70,4 @@ def plot_attention(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return str(path)

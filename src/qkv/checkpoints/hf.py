@@ -19,7 +19,7 @@ from torch import nn
 from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
 from qkv.checkpoints.hf_config import HF_FAMILIES, config_from_hf, config_to_hf
 from qkv.checkpoints.keymaps import HF_KEYMAPS
-from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
+from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
@@ -111,7 +111,7 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
     source = _TensorSource(path)
     meta = build_on_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    tied = ("lm_head.weight",) if cfg.tie_embeddings else ()
+    tied = tuple(tied_aliases(meta))
     state = to_qkv_state_dict(
         source, source.names(), HF_KEYMAPS[raw["model_type"]], expected, cfg.n_layers, origin=str(path), tied=tied
     )
@@ -150,9 +150,8 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     """
     cfg: ModelConfig = model.config
     hf = config_to_hf(cfg)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    aliases = tied_aliases(model)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in aliases}
     tensors = from_qkv_state_dict(state, HF_KEYMAPS[hf["model_type"]], cfg.n_layers, _split_sizes(cfg))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

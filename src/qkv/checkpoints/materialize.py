@@ -63,14 +63,26 @@ def _skip_init() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for every parameter registered under more than one name (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 def materialize(
     cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, origin: str = "checkpoint"
 ) -> nn.Module:
     """A model holding exactly `state` (qkv names), in `dtype` if given, ready for eval."""
     model = build_on_meta(cfg)
+    aliases = tied_aliases(model)
     expected = set(model.state_dict())
-    tied = {"lm_head.weight"} if getattr(cfg, "tie_embeddings", False) else set()
-    missing = sorted(expected - set(state) - tied)
+    missing = sorted(expected - set(state) - set(aliases))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
@@ -78,10 +90,11 @@ def materialize(
         )
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if k not in tied}
+    state = {k: v for k, v in state.items() if k not in aliases}
     model.load_state_dict(state, strict=False, assign=True)
-    if tied and hasattr(model, "lm_head"):
-        model.lm_head.weight = model.embed.tokens.weight
+    for alias, source in aliases.items():  # assign=True replaced the shared parameter: share it again
+        owner, _, name = alias.rpartition(".")
+        setattr(model.get_submodule(owner), name, model.get_parameter(source))
     device = next(iter(state.values())).device if state else torch.device("cpu")
     for module in model.modules():
         reset = getattr(module, "reset_buffers", None)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
+from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
@@ -41,18 +41,6 @@ TRAINING_STATE_FILE = "training_state.pt"
 
 
 # -- saving ------------------------------------------------------------------------------------
-def tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} for every parameter registered under more than one name (tied weights)."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
-
-
 def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict | None = None) -> Path:
     """Write `model` (its `config`, weights and `tokenizer`) as a native checkpoint directory, atomically.
 

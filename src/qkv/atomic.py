@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from qkv.errors import CheckpointError
 
 
 @contextlib.contextmanager
@@ -47,3 +50,53 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` (UTF-8) to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (so a rename inside it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(path: Path, is_kind: Callable[[Path], bool], kind: str) -> None:
+    """CheckpointError unless writing a `kind` directory at `path` can only replace one of its kind
+    (or an empty directory): a user's other files are never overwritten."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"cannot write a {kind} to {path}: it exists and is not a directory")
+    if any(path.iterdir()) and not is_kind(path):
+        raise CheckpointError(
+            f"refusing to replace {path}: it is a non-empty directory that is not a {kind} (choose another path)"
+        )
+
+
+def backup_path(path: Path) -> Path:
+    """Where `replace_directory` keeps the previous directory during the swap."""
+    return path.with_name(f".{path.name}.previous")
+
+
+def replace_directory(tmp: Path, path: Path) -> None:
+    """Move the complete directory `tmp` to `path`, replacing what is there.
+
+    Two renames (old -> backup, new -> path): an exception between them puts the old directory
+    back; a process killed between them leaves the previous one intact at `backup_path(path)`.
+    """
+    backup = backup_path(path)
+    if backup.exists() and path.exists():
+        shutil.rmtree(backup)  # an old backup whose clean-up was interrupted
+    moved = False
+    if path.exists():
+        os.rename(path, backup)
+        moved = True
+    try:
+        os.rename(tmp, path)  # the window: until here `path` is absent, the previous one is at `backup`
+    except BaseException:
+        if moved:
+            os.rename(backup, path)
+        raise
+    fsync_path(path.parent)
+    shutil.rmtree(backup, ignore_errors=True)

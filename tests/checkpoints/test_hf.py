@@ -82,3 +82,14 @@ def test_export_replaces_existing_atomically(tmp_path):
     export_hf(model, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_export_refuses_to_replace_other_files(tmp_path):
+    model = DecoderLM(ModelConfig.from_name("tiny-llama")).eval()
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint"):
+        export_hf(model, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -68,8 +68,8 @@ NOTES = {"notes.txt": "keep me"}
 @pytest.mark.parametrize(
     "files, to, message",
     [
-        (NOTES, "hf", "a non-empty directory, not a Hugging Face checkpoint"),
-        (NOTES, "qkv", "a non-empty directory, not a qkv checkpoint"),
+        (NOTES, "hf", "a non-empty directory that is not a Hugging Face checkpoint"),
+        (NOTES, "qkv", "a non-empty directory that is not a qkv checkpoint"),
         ({"config.json": '{"format": "qkv"}'}, "hf", "not a Hugging Face checkpoint"),
     ],
     ids=["other-dir-hf", "other-dir-qkv", "qkv-checkpoint-as-hf"],
@@ -82,7 +82,7 @@ def test_refuses_to_overwrite_what_is_not_a_checkpoint_of_that_format(hf_dir, tm
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     assert main(["convert", str(hf_dir[1]), str(dst), "--to", to]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"qkv convert: error: refusing to overwrite {dst}: ") and message in err
+    assert err.startswith(f"qkv convert: error: refusing to replace {dst}: ") and message in err
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "hf"]  # no temporary directory left
 
@@ -90,7 +90,7 @@ def test_refuses_to_overwrite_what_is_not_a_checkpoint_of_that_format(hf_dir, tm
 def test_refuses_a_file_the_source_itself_and_a_missing_source(hf_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["convert", str(hf_dir[1]), str(tmp_path / "file"), "--to", "qkv"]) == 2
-    assert "it is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert "exists and is not a directory" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
     assert main(["convert", str(hf_dir[1]), str(hf_dir[1]), "--to", "hf"]) == 2
     assert "is the source itself" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--to", "hf"]) == 2

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qkv.atomic import check_replaceable, fsync_path, replace_directory
 from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
 from qkv.checkpoints.hf_config import HF_FAMILIES, config_from_hf, config_to_hf
 from qkv.checkpoints.keymaps import HF_KEYMAPS
@@ -146,7 +147,8 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors [+ tokenizer.json]).
 
     The directory appears complete or not at all: files are written to a temporary sibling that
-    is renamed into place; an existing directory at `out` is replaced only after that succeeds.
+    is renamed into place; an existing HF checkpoint (or empty directory) at `out` is replaced only
+    after that succeeds, and any other existing path is refused.
     """
     cfg: ModelConfig = model.config
     hf = config_to_hf(cfg)
@@ -154,6 +156,7 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in aliases}
     tensors = from_qkv_state_dict(state, HF_KEYMAPS[hf["model_type"]], cfg.n_layers, _split_sizes(cfg))
     out = Path(out)
+    check_replaceable(out, is_hf_dir, "Hugging Face checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -161,14 +164,9 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save(tmp)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        for file in tmp.iterdir():
+            fsync_path(file)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

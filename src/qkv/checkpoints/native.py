@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qkv.atomic import backup_path, check_replaceable, fsync_path, replace_directory
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
@@ -51,7 +52,7 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"save_native needs a model with a ModelConfig at .config, got {type(cfg).__name__}")
     path = Path(path)
-    _check_replaceable(path)
+    check_replaceable(path, is_native_checkpoint, "qkv checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
@@ -71,56 +72,13 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
         for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        _move_into_place(tmp, path)
+            fsync_path(file)
+        fsync_path(tmp)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _check_replaceable(path: Path) -> None:
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    if any(path.iterdir()) and not is_native_checkpoint(path):
-        raise CheckpointError(
-            f"refusing to replace {path}: it is a non-empty directory that is not a qkv checkpoint "
-            "(choose another path)"
-        )
-
-
-def _backup_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.previous")
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    backup = _backup_path(path)
-    if backup.exists() and path.exists():
-        shutil.rmtree(backup)  # an old backup whose clean-up was interrupted
-    moved = False
-    if path.exists():
-        os.rename(path, backup)
-        moved = True
-    try:
-        # The window: until this rename, `path` is absent and the previous checkpoint is at `backup`.
-        os.rename(tmp, path)
-    except BaseException:
-        if moved:
-            os.rename(backup, path)
-        raise
-    _fsync(path.parent)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -176,7 +134,7 @@ def read_native_config(path: str | os.PathLike) -> ModelConfig:
 def _check_directory(path: Path) -> None:
     if path.is_dir():
         return
-    backup = _backup_path(path)
+    backup = backup_path(path)
     if backup.is_dir():
         raise CheckpointError(
             f"{path} does not exist: a save was interrupted after moving the previous checkpoint aside; "

@@ -35,22 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check_destination(dst: Path, fmt: str, src: str) -> None:
-    """ValueError unless writing a `fmt` checkpoint at `dst` can only replace a `fmt` checkpoint."""
+    """Fail before loading anything unless writing a `fmt` checkpoint at `dst` is allowed."""
+    from qkv.atomic import check_replaceable
     from qkv.checkpoints.hf import is_hf_dir
     from qkv.checkpoints.native import is_native_checkpoint
 
     if Path(src).exists() and Path(src).resolve() == dst.resolve():
         raise ValueError(f"DST {dst} is the source itself; write the conversion to another directory")
-    if not dst.exists():
-        return
-    if not dst.is_dir():
-        raise ValueError(f"refusing to overwrite {dst}: it is a file (a {FORMATS[fmt]} checkpoint is a directory)")
-    is_checkpoint = {"hf": is_hf_dir, "qkv": is_native_checkpoint}[fmt]
-    if any(dst.iterdir()) and not is_checkpoint(dst):
-        raise ValueError(
-            f"refusing to overwrite {dst}: it is a non-empty directory, not a {FORMATS[fmt]} checkpoint "
-            "(choose a new or empty directory)"
-        )
+    is_kind = {"hf": is_hf_dir, "qkv": is_native_checkpoint}[fmt]
+    check_replaceable(dst, is_kind, f"{FORMATS[fmt]} checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:

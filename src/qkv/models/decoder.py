@@ -140,7 +140,8 @@ class DecoderLM(nn.Module):
             position_bias=position_bias, dtype=x.dtype,
         )  # fmt: skip
         if self.rope is not None:
-            inputs.rope = self.rope(position_ids, x.dtype)
+            cos, sin = self.rope(position_ids, x.dtype)  # (B, 1, T, rot)
+            inputs.rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # token-major, as attention applies it
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []

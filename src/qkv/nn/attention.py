@@ -47,7 +47,7 @@ def _single_query(q, k, v, mask: AttentionMask, scale: float):
     # Small bf16 batched matmuls are slower on CPU than converting to float32 first.
     B, H, _, hd = q.shape
     kv = k.shape[1]
-    scores = (q.view(B, kv, H // kv, hd).float() @ k.float().transpose(-2, -1)) * scale  # (B, KV, H/KV, S)
+    scores = (q.reshape(B, kv, H // kv, hd).float() @ k.float().transpose(-2, -1)) * scale  # (B, KV, H/KV, S)
     if mask.bias is not None:
         bias = mask.bias  # (B|1, H|1, 1, S)
         scores = scores + (bias.view(bias.shape[0], kv, H // kv, -1) if bias.shape[1] == H else bias)
@@ -103,7 +103,7 @@ class AttentionInputs:
     """Per-forward state every attention layer reads: masks by layer kind, RoPE tables, cache."""
 
     masks: dict[str, AttentionMask] = field(default_factory=dict)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [B, T, 1, rotary_dim]
     cache: KVCache | None = None
     need_weights: bool = False
 
@@ -153,11 +153,16 @@ class Attention(nn.Module):
                     cache.cross_kv[self.layer_idx] = kv
             k, v = kv
         else:
-            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
-            if self.use_rope:
+            B, T, _ = x.shape
+            H, KV = self.n_heads, self.n_kv_heads
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.head_dim)
+            if self.use_rope:  # rotate the query and key heads together, before splitting them
                 cos, sin = inputs.rope
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+                q, k = apply_rotary(qkv[:, :, : H + KV], cos, sin).split((H, KV), dim=2)
+                v = qkv[:, :, H + KV :]
+            else:
+                q, k, v = qkv.split((H, KV, KV), dim=2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         mask = inputs.masks.get("cross" if self.cross else self.kind)

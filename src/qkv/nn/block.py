@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
@@ -30,14 +31,13 @@ class Block(nn.Module):
             self.cross_norm = self.cross_attn = None
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # on the residual branches, in training only
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.pre_norm:
-            out, weights = fn(norm(x))
-            return x + self.drop(out), weights
-        out, weights = fn(x)
-        return norm(x + self.drop(out)), weights
+    def _residual(self, x: torch.Tensor, out: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """Add a sub-layer's output to the stream (pre-norm already normalised its input)."""
+        if self.training and self.dropout:
+            out = F.dropout(out, self.dropout)
+        return x + out if self.pre_norm else norm(x + out)
 
     def forward(
         self,
@@ -47,11 +47,12 @@ class Block(nn.Module):
         context_inputs: AttentionInputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x: [B, T, D] -> (x, self-attention weights, cross-attention weights)."""
-        x, self_weights = self._residual(x, self.attn_norm, lambda h: self.attn(h, inputs))
+        pre = self.pre_norm
+        out, self_weights = self.attn(self.attn_norm(x) if pre else x, inputs)
+        x = self._residual(x, out, self.attn_norm)
         cross_weights = None
         if self.cross_attn is not None:
-            x, cross_weights = self._residual(
-                x, self.cross_norm, lambda h: self.cross_attn(h, context_inputs or inputs, context)
-            )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None))
+            out, cross_weights = self.cross_attn(self.cross_norm(x) if pre else x, context_inputs or inputs, context)
+            x = self._residual(x, out, self.cross_norm)
+        x = self._residual(x, self.mlp(self.mlp_norm(x) if pre else x), self.mlp_norm)
         return x, self_weights, cross_weights

@@ -41,7 +41,7 @@ class Linear(nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        key = (w.data_ptr(), w._version)  # a new tensor, or an in-place update, means a new packing
         if self._packed_key != key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
             self._packed_key = key

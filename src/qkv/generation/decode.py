@@ -93,6 +93,29 @@ def check_options(
         raise ValueError(f"num_return_sequences={num_return_sequences!r} must be an integer >= 1")
 
 
+def sampling_setup(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    typical_p: float | None,
+    repetition_penalty: float | None,
+    frequency_penalty: float,
+    presence_penalty: float,
+    seed: int | None,
+    prompt_len: int,
+    device: torch.device,
+) -> tuple[list[LogitsProcessor], torch.Generator | None, bool]:
+    """(processors, seeded generator or None, greedy?) for a set of decoding options."""
+    processors = build_processors(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition=repetition_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        prompt_len=prompt_len,
+    )  # fmt: skip
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    return processors, generator, temperature == 0.0
+
+
 def eos_tensor(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor:
     """EOS ids as a 1-D tensor (possibly empty)."""
     ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
@@ -217,20 +240,11 @@ def generate(
         input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
-    greedy = temperature == 0.0
-    if processors is None:
-        processors = build_processors(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            typical_p=typical_p,
-            repetition=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            prompt_len=T,
-        )
-    generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    own, generator, greedy = sampling_setup(
+        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty, presence_penalty, seed,
+        T, input_ids.device,
+    )  # fmt: skip
+    processors = own if processors is None else processors
     eos = eos_tensor(eos_token_id, input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     steps = decode_steps(model, input_ids, n_new, processors, greedy, generator, eos, pad, attention_mask)

@@ -17,11 +17,11 @@ import regex
 import torch
 
 from qkv.generation.decode import (
-    build_processors,
     check_options,
     context_budget,
     decode_steps,
     eos_tensor,
+    sampling_setup,
 )
 
 _GRAPHEME = regex.compile(r"\X")
@@ -177,19 +177,10 @@ def stream_completion(
         if eos_token_id is None:
             eos_token_id = model.config.eos_token_id
     eos = eos_tensor(eos_token_id, model.device)
-    greedy = temperature == 0.0
-    processors = build_processors(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        typical_p=typical_p,
-        repetition=repetition_penalty,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        prompt_len=len(ids),
-    )
-    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    processors, generator, greedy = sampling_setup(
+        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty, presence_penalty, seed,
+        len(ids), model.device,
+    )  # fmt: skip
     input_ids = torch.tensor([ids], device=model.device)
     text = TextStream(tokenizer, stop)
     out_ids: list[int] = []

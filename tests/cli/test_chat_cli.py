@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
-from qkv import DecoderLM, ModelConfig
-from qkv.checkpoints.native import save_native
 from qkv.generation.text import complete
 from qkv.load import load
-from qkv.tokenizer import CHAT_TEMPLATES, train_tokenizer
+from qkv.tokenizer import CHAT_TEMPLATES
+from tiny_checkpoint import save_tiny_checkpoint
 
 CORPUS = ["<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\nthe quick brown fox<|im_end|>\n"] * 20
 
 
-def save_checkpoint(path, chat_template: str | None):
-    """A tiny random DecoderLM + trained BPE, saved natively; the template goes into the
-    tokenizer_config.json next to tokenizer.json, where loaders look for it. Single-byte tokens
-    get logit 0, so replies are multi-character tokens and never hold a newline."""
-    tok = train_tokenizer(kind="bpe", texts=CORPUS, vocab_size=300, show_progress=False)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=tok.vocab_size, max_seq_len=256, tie_embeddings=False)
-    model = DecoderLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight[:257] = 0.0  # <|endoftext|> and the 256 bytes
-    model.tokenizer = tok
-    save_native(model, path)
-    if chat_template is not None:
-        config = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": chat_template}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory):
-    return save_checkpoint(tmp_path_factory.mktemp("chat") / "chatml", CHAT_TEMPLATES["chatml"])
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("chat") / "chatml", CORPUS, 256, CHAT_TEMPLATES["chatml"])
 
 
 def chat(checkpoint, lines: list[str]) -> subprocess.CompletedProcess:
@@ -71,7 +50,7 @@ def test_piped_conversation(chatml):
 
 
 def test_checkpoint_without_a_template(tmp_path):
-    proc = chat(save_checkpoint(tmp_path / "plain", None), ["hello"])
+    proc = chat(save_tiny_checkpoint(tmp_path / "plain", CORPUS, 256), ["hello"])
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"qkv chat: error: {tmp_path / 'plain'} has no chat template (none in its tokenizer_config.json or GGUF "

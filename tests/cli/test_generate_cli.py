@@ -9,12 +9,10 @@ import sys
 import pytest
 import torch
 
-from qkv import DecoderLM, ModelConfig
-from qkv.checkpoints.native import save_native
 from qkv.cli.main import main
 from qkv.generation.text import complete
 from qkv.load import load
-from qkv.tokenizer import train_tokenizer
+from tiny_checkpoint import save_tiny_checkpoint
 
 PROMPT = "The quick brown"
 CORPUS = ["The quick brown fox jumps over the lazy dog."] * 20
@@ -24,15 +22,9 @@ CORPUS = ["The quick brown fox jumps over the lazy dog."] * 20
 def checkpoint(tmp_path_factory):
     """A tiny random DecoderLM + trained byte-level BPE, saved natively. The head never favours
     single-byte tokens (their logits are 0), so greedy text is readable, multi-character tokens."""
-    tok = train_tokenizer(kind="bpe", texts=CORPUS, vocab_size=300, show_progress=False)
-    assert tok.encode("") == []  # no BOS is added: an empty prompt stays empty
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=tok.vocab_size, max_seq_len=64, tie_embeddings=False)
-    model = DecoderLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight[:257] = 0.0  # <|endoftext|> and the 256 bytes
-    model.tokenizer = tok
-    return save_native(model, tmp_path_factory.mktemp("generate") / "tiny")
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("generate") / "tiny", CORPUS, 64)
+    assert load(path).tokenizer.encode("") == []  # no BOS is added: an empty prompt stays empty
+    return path
 
 
 @pytest.fixture(scope="module")

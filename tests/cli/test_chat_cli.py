@@ -56,3 +56,11 @@ def test_checkpoint_without_a_template(tmp_path):
         f"qkv chat: error: {tmp_path / 'plain'} has no chat template (none in its tokenizer_config.json or GGUF "
         "metadata); add a chat_template there, or use `qkv generate` to continue plain text"
     ]
+
+
+def test_conversation_outgrowing_the_context_keeps_the_session(tmp_path):
+    small = save_tiny_checkpoint(tmp_path / "small", CORPUS, 48, CHAT_TEMPLATES["chatml"])
+    proc = chat(small, ["hello " * 30, "/reset", "hi"])
+    assert proc.returncode == 0
+    assert "message dropped" in proc.stderr and "/reset" in proc.stderr
+    assert proc.stdout.count("\n") == 1 and proc.stdout.strip()  # only the message after /reset got a reply

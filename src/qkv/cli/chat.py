@@ -72,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
                     sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
+        except ValueError as exc:  # e.g. the conversation no longer fits the context: keep the session
+            messages.pop()
+            print(f"qkv chat: {exc} (message dropped; /reset starts a new conversation)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(reply)})

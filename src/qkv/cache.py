@@ -8,12 +8,11 @@ generation runs. Encoder-decoder models also keep the cross-attention keys/value
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from qkv.config import ModelConfig
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys/values of every layer for `batch_size` sequences of at most `max_len` slots."""
 
     def __init__(
@@ -24,10 +23,15 @@ class KVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         n_layers: int | None = None,
+        static: bool = False,
     ) -> None:
-        super().__init__()
         self.max_len = max_len
-        self.window = cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_len else None
+        # static: every layer keeps all `max_len` slots and attends over all of them (masked), so a
+        # decode step has the same shapes every time and `torch.compile` captures it once.
+        self.static = static
+        self.input_pos: torch.Tensor | None = None  # static mode: the slots this forward writes
+        sliding = cfg.sliding_window and cfg.sliding_window < max_len and not static
+        self.window = cfg.sliding_window if sliding else None
         n_layers = n_layers or (cfg.n_decoder_layers if cfg.family == "seq2seq" else cfg.n_layers)
         size = self.window or max_len
         shape = (batch_size, cfg.n_kv_heads, size, cfg.head_dim)
@@ -53,6 +57,10 @@ class KVCache(nn.Module):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [B, KV, T, hd] for the next T slots; return all keys/values to attend to."""
         T = k.shape[2]
+        if self.static:
+            self.k[layer].index_copy_(2, self.input_pos, k)
+            self.v[layer].index_copy_(2, self.input_pos, v)
+            return self.k[layer], self.v[layer]
         if self.pos + T > self.max_len:
             raise ValueError(
                 f"KV cache holds {self.max_len} positions but {self.pos + T} are needed; "

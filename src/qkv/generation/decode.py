@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from qkv.cache import KVCache
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
-
-if TYPE_CHECKING:
-    from qkv.cache import KVCache
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -135,6 +132,34 @@ def context_budget(model: torch.nn.Module, prompt_len: int, max_new_tokens: int)
     return max_new_tokens if limit is None else min(max_new_tokens, limit - prompt_len)
 
 
+def compiled_step(model: torch.nn.Module):
+    """`model.static_step` compiled once per model with inductor, weights frozen as constants
+    (so oneDNN prepacks them): for inference with fixed weights.
+
+    Shapes depend on the batch size and the static cache length, which `static_cache_len` rounds
+    to a power of two so that a handful of graphs serve every prompt length.
+    """
+    step = getattr(model, "_qkv_compiled_step", None)
+    if step is None:
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(model.static_step)
+
+        def step(*args):
+            # Freezing is a global inductor setting; patch it only around our own graphs.
+            with inductor_config.patch(freezing=True):
+                return compiled(*args)
+
+        model._qkv_compiled_step = step
+    return step
+
+
+def static_cache_len(needed: int, limit: int | None) -> int:
+    """The static cache length for `needed` slots: the next power of two >= 256, within the context."""
+    size = max(256, 1 << (needed - 1).bit_length())
+    return size if limit is None else max(needed, min(size, limit))
+
+
 @torch.no_grad()
 def decode_steps(
     model: torch.nn.Module,
@@ -148,19 +173,30 @@ def decode_steps(
     attention_mask: torch.Tensor | None = None,
     top_logprobs: int = 0,
     want_logprobs: bool = False,
+    compile: bool = False,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position (at most n_new), stopping when every row finished.
 
     Finished rows keep receiving `pad_token_id`. The caller may stop iterating at any time; the
-    cache is local to this iterator.
+    cache is local to this iterator. `compile=True` runs each decode step through one compiled,
+    static-shape graph (`DecoderLM.static_step`; the first call of a shape compiles, ~30 s).
     """
     B, T = input_ids.shape
+    device = input_ids.device
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: take the mask-free fast path
-    cache = model.new_cache(B, T + n_new)
+    if compile:
+        if attention_mask is not None:
+            raise ValueError("compile=True does not support left-padded batches yet; pass compile=False")
+        size = static_cache_len(T + n_new, model.config.context_limit)
+        cache = KVCache(model.config, B, size, model.dtype, device, static=True)
+        step_fn = compiled_step(model)
+        logits = model.static_step(input_ids, torch.arange(T, device=device), cache)[:, -1]
+    else:
+        cache = model.new_cache(B, T + n_new)
+        logits = prefill(model, input_ids, cache, attention_mask)
     tokens = input_ids
-    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    logits = prefill(model, input_ids, cache, attention_mask)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(n_new):
         raw = logits
         for proc in processors:
@@ -179,6 +215,9 @@ def decode_steps(
         yield out
         if bool(finished.all()) or step == n_new - 1:
             return
+        if compile:
+            logits = step_fn(nxt[:, None], torch.tensor([T + step], device=device), cache)[:, -1]
+            continue
         if attention_mask is not None:
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B, 1)), dim=1)
         logits = decode_one_token(model, nxt, cache, attention_mask)
@@ -204,6 +243,7 @@ def generate(
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
     processors: list[LogitsProcessor] | None = None,
+    compile: bool = False,
     **beam_options,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` after input_ids [B, T] -> [B * num_return_sequences, T + n].
@@ -214,7 +254,8 @@ def generate(
     Rows that emitted an EOS id (default: the model config's) are padded with `pad_token_id`
     (default: the first EOS id) until every row has finished. Generation stops early at the
     model's context length. Left-padded batches pass `attention_mask` [B, T]; each row then equals
-    generating it alone.
+    generating it alone. `compile=True` decodes through one compiled static-shape step
+    (no left padding; the first call of each shape compiles, ~30 s on 2 cores).
     """
     check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, num_return_sequences, typical_p)
     if eos_token_id is None:
@@ -247,7 +288,9 @@ def generate(
     processors = own if processors is None else processors
     eos = eos_tensor(eos_token_id, input_ids.device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    steps = decode_steps(model, input_ids, n_new, processors, greedy, generator, eos, pad, attention_mask)
+    steps = decode_steps(
+        model, input_ids, n_new, processors, greedy, generator, eos, pad, attention_mask, compile=compile
+    )
     new = [step.tokens for step in steps]
     if not new:  # the prompt already fills the context
         return input_ids

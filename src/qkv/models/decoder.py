@@ -20,7 +20,7 @@ from qkv.nn.attention import AttentionInputs
 from qkv.nn.block import Block
 from qkv.nn.embedding import Embeddings
 from qkv.nn.linear import Linear
-from qkv.nn.mask import alibi_bias, build_attention_mask
+from qkv.nn.mask import AttentionMask, alibi_bias, build_attention_mask
 from qkv.nn.norm import make_norm
 from qkv.nn.position import RotaryEmbedding, alibi_slopes
 
@@ -165,6 +165,34 @@ class DecoderLM(nn.Module):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def static_step(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T] at slots input_pos [T] of a static `KVCache`.
+
+        Every shape depends only on B, T and the cache size, and nothing reads a Python-side
+        position, so one `torch.compile` of this method serves every decode step. No padding mask
+        (left-padded batches use `forward`).
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        cache.input_pos = input_pos
+        x = self.embed(input_ids, input_pos.expand(B, T))
+        slots = torch.arange(cache.max_len, device=input_ids.device)
+        allowed = slots[None, :] <= input_pos[:, None]  # (T, S)
+        if cfg.sliding_window:
+            allowed = allowed & (input_pos[:, None] - slots[None, :] < cfg.sliding_window)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None]  # (1, 1, T, S)
+        if cfg.position == "alibi":
+            bias = bias + alibi_bias(self.alibi_slopes, input_pos, slots).to(x.dtype)
+        inputs = AttentionInputs(cache=cache)
+        inputs.masks["sliding" if cfg.sliding_window else "full"] = AttentionMask(bias)
+        if self.rope is not None:
+            cos, sin = self.rope(input_pos.expand(B, T), x.dtype)
+            inputs.rope = (cos.transpose(1, 2), sin.transpose(1, 2))
+        for block in self.blocks:
+            x = block(x, inputs)[0]
+        return self.lm_head(self.norm(x))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:

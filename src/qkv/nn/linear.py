@@ -49,6 +49,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if torch.compiler.is_compiling():
+            return F.linear(x, w, self.bias)  # inductor packs weights itself (freezing)
         if (
             _AVAILABLE
             and w.dtype in _PACKED_DTYPES

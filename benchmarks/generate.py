@@ -80,9 +80,11 @@ def main() -> int:
         batch_ids = ids.expand(batch, -1).contiguous()
         print(f"compiling the static decode step for batch {batch} (once per shape) ...", flush=True)
         start = time.perf_counter()
-        compiled = run_qkv(batch_ids, compile=True)
-        print(f"  compiled in {time.perf_counter() - start:.0f} s; "
-              f"tokens equal to eager qkv: {torch.equal(compiled, run_qkv(batch_ids))}")  # fmt: skip
+        compiled = run_qkv(batch_ids, compile=True)[0, ids.shape[1] :]
+        eager = run_qkv(batch_ids)[0, ids.shape[1] :]
+        agree = int((compiled == eager).cumprod(0).sum())
+        # In bf16 the fused kernels round differently, so long greedy runs may part (fp32: equal, tested).
+        print(f"  compiled in {time.perf_counter() - start:.0f} s; first {agree}/{n} tokens equal to eager qkv")
         print(f"timing {label} ...", flush=True)
         t_q = t_c = t_h = float("inf")
         for _ in range(args.repeats):  # alternate so load spikes hit all three

@@ -50,6 +50,11 @@ def test_greedy_equals_complete(checkpoint, library, capsys):
     assert qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12) == (0, ref.text + "\n", "")
 
 
+def test_compiled_decoding_prints_the_same_text(checkpoint, library, capsys):
+    _, _, ref = library
+    assert qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--compile") == (0, ref.text + "\n", "")
+
+
 def test_stream_prints_the_same_text(checkpoint, library, capsys):
     assert qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--stream")[1] == library[2].text + "\n"
 

@@ -23,6 +23,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--compile", action="store_true", help="decode through a compiled static step (~30 s to compile)")
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -33,7 +34,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
-        stop=args.stop,
+        stop=args.stop, compile=args.compile,
     )  # fmt: skip
 
 

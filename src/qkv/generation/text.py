@@ -163,6 +163,7 @@ def stream_completion(
     logprobs: bool = False,
     top_logprobs: int = 0,
     add_special_tokens: bool = True,
+    compile: bool = False,
 ) -> Iterator[str | Completion]:
     """Yield text pieces as they become safe to show, then, last, the `Completion`.
 
@@ -189,7 +190,7 @@ def stream_completion(
     start = time.perf_counter()
     first = None
     steps = decode_steps(
-        model, input_ids, n_new, processors, greedy, generator, eos, 0, None, top_logprobs, bool(logprobs)
+        model, input_ids, n_new, processors, greedy, generator, eos, 0, None, top_logprobs, bool(logprobs), compile
     )
     for step in steps:
         if first is None:

@@ -55,3 +55,8 @@ def test_compile_refuses_padding():
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, max_new_tokens=3, attention_mask=mask, compile=True)
+
+
+def test_compile_refuses_beam_search():
+    with pytest.raises(ValueError, match="beam search"):
+        _model("tiny-gpt2").generate(torch.randint(0, 512, (1, 4)), max_new_tokens=3, num_beams=2, compile=True)

@@ -267,6 +267,8 @@ def generate(
 
         if temperature != 0.0:
             raise ValueError("beam search is deterministic: use temperature=0 with num_beams > 1")
+        if compile:
+            raise ValueError("compile=True applies to greedy and sampled decoding, not to beam search (num_beams > 1)")
 
         return beam_search(
             model, input_ids, num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,

@@ -100,3 +100,25 @@ def replace_directory(tmp: Path, path: Path) -> None:
         raise
     fsync_path(path.parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success its files are fsync'd and it
+    replaces `path` (`replace_directory`), on error it is removed. Temporary directories left by a
+    process killed mid-write are cleared first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual permissions
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            fsync_path(file)
+        fsync_path(tmp)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qkv.atomic import check_replaceable, fsync_path, replace_directory
+from qkv.atomic import atomic_directory, check_replaceable
 from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
 from qkv.checkpoints.hf_config import HF_FAMILIES, config_from_hf, config_to_hf
 from qkv.checkpoints.keymaps import HF_KEYMAPS
@@ -157,17 +155,9 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     tensors = from_qkv_state_dict(state, HF_KEYMAPS[hf["model_type"]], cfg.n_layers, _split_sizes(cfg))
     out = Path(out)
     check_replaceable(out, is_hf_dir, "Hugging Face checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_directory(out) as tmp:
         save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save(tmp)
-        for file in tmp.iterdir():
-            fsync_path(file)
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -19,15 +19,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from qkv.atomic import backup_path, check_replaceable, fsync_path, replace_directory
+from qkv.atomic import atomic_directory, backup_path, check_replaceable
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
@@ -53,12 +51,7 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
         raise TypeError(f"save_native needs a model with a ModelConfig at .config, got {type(cfg).__name__}")
     path = Path(path)
     check_replaceable(path, is_native_checkpoint, "qkv checkpoint")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
@@ -67,17 +60,8 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
         aliases = tied_aliases(model)
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
         save_safetensors(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        # The weights file is created owner-only (mkstemp); give it the mode every other file gets.
-        os.chmod(tmp / WEIGHTS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
-        for file in tmp.iterdir():
-            fsync_path(file)
-        fsync_path(tmp)
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

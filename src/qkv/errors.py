@@ -15,3 +15,11 @@ class TokenizerError(QkvError):
 
 class PullError(QkvError):
     """A known model package could not be fetched or unpacked."""
+
+
+class UsageError(QkvError):
+    """A command-line argument or library call asks for something that cannot be done as given."""
+
+
+class GenerationOptionError(QkvError):
+    """A decoding option is unknown, out of range, or not supported by the decoding path chosen."""

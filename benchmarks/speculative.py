@@ -35,7 +35,8 @@ import torch
 
 from qkv import DecoderLM, ModelConfig
 from qkv.generation import generate
-from qkv.generation.speculative import early_exit_draft, speculative_generate
+from qkv.generation.speculative import speculative_generate
+from qkv.models.decoder import early_exit_draft
 
 
 def best_times(
@@ -92,7 +93,9 @@ def main() -> None:
 
     def speculative() -> torch.Tensor:
         nonlocal stats
-        out, stats = speculative_generate(target, draft, ids, args.tokens, args.num_draft_tokens, eos_token_id=[])
+        out, stats = speculative_generate(
+            target, draft, ids, args.tokens, num_draft_tokens=args.num_draft_tokens, eos_token_id=[]
+        )
         return out
 
     times = best_times(

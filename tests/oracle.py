@@ -1,7 +1,11 @@
-"""Oracle helpers shared by tests: tiny random Hugging Face models and the same weights in qkv."""
+"""Oracle helpers shared by tests: tiny random Hugging Face models and the same weights in qkv.
+
+The `hf_pair` fixture (every config below) is in tests/conftest.py.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -82,8 +86,9 @@ def qkv_from_hf(hf_model) -> DecoderLM:
     return model
 
 
-@pytest.fixture(params=sorted(HF_CONFIGS))
-def hf_pair(request):
-    """(name, HF model, qkv model) with identical weights, for every oracle config."""
-    hf = make_hf_model(request.param)
-    return request.param, hf, qkv_from_hf(hf)
+@functools.cache
+def shared_pair(name: str) -> tuple:
+    """(HF model, qkv model) with the same weights, built once per test session: for read-only use
+    by tests that would otherwise rebuild the same pair for each of many cases."""
+    hf = make_hf_model(name)
+    return hf, qkv_from_hf(hf)

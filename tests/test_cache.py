@@ -7,22 +7,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qkv.config import ModelConfig
 from qkv.models.decoder import DecoderLM
+from tiny_models import random_ids, tiny_model
 
-CONFIGS = {
-    "tiny-gpt2": ModelConfig.from_name("tiny-gpt2"),
-    "tiny-llama": ModelConfig.from_name("tiny-llama"),
-    "tiny-mistral": ModelConfig.from_name("tiny-mistral"),  # sliding window 16
-    "alibi": ModelConfig.from_name("tiny-gpt2", position="alibi"),
-    "alibi-window-eager": ModelConfig.from_name("tiny-llama", position="alibi", sliding_window=8, attn_backend="eager"),
+MODELS = {  # name -> (preset, overrides)
+    "tiny-gpt2": ("tiny-gpt2", {}),
+    "tiny-llama": ("tiny-llama", {}),
+    "tiny-mistral": ("tiny-mistral", {}),  # sliding window 16
+    "alibi": ("tiny-gpt2", {"position": "alibi"}),
+    "alibi-window-eager": ("tiny-llama", {"position": "alibi", "sliding_window": 8, "attn_backend": "eager"}),
 }
 ATOL = 1e-5
+VOCAB = 512  # every tiny preset's
 
 
 def make_model(name: str) -> DecoderLM:
-    torch.manual_seed(0)
-    model = DecoderLM(CONFIGS[name]).eval()
+    preset, overrides = MODELS[name]
+    model = tiny_model(preset, **overrides)
     # GPT-2's N(0, 0.02) init makes near-uniform logits that hide mistakes; use unit-scale activations.
     with torch.no_grad():
         for p in model.parameters():
@@ -33,7 +34,7 @@ def make_model(name: str) -> DecoderLM:
     return model
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=list(MODELS))
 def model(request) -> DecoderLM:
     return make_model(request.param)
 
@@ -42,17 +43,15 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def tokens(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 512, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize(
     "chunks", [[1] * 60, [7, 5] + [1] * 48, [20, 17, 1, 1, 21], [60]], ids=["1x60", "7+5+1x48", "20+17+1+1+21", "60"]
 )
+@pytest.mark.parametrize("threads", [1, "default"], indirect=True, ids=["1-thread", "default-threads"])
 @torch.no_grad()
-def test_cached_chunks_equal_the_full_forward(model, chunks):
-    """60 tokens: with a window of 16 (or 8) the ring wraps several times; chunks may exceed it."""
-    ids = tokens(sum(chunks), batch=2)
+def test_cached_chunks_equal_the_full_forward(model, chunks, threads):
+    """60 tokens: with a window of 16 (or 8) the ring wraps several times; chunks may exceed it.
+    The bound holds with one thread and with torch's default thread count."""
+    ids = random_ids(VOCAB, 2, sum(chunks), seed=1, low=0)
     full = model(ids).logits
     assert full.abs().max() > 1  # logits are not trivially small
     cache = model.new_cache(2)
@@ -80,7 +79,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def test_left_padded_batch_equals_each_row_alone(model):
-    rows = [tokens(n, seed=n)[0] for n in (23, 9, 17)]
+    rows = [random_ids(VOCAB, 1, n, seed=n, low=0)[0] for n in (23, 9, 17)]
     ids, mask = left_pad(rows)
     out = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
     for i, row in enumerate(rows):
@@ -91,9 +90,9 @@ def test_left_padded_batch_equals_each_row_alone(model):
 @torch.no_grad()
 def test_left_padded_decoding_with_cache_equals_each_row_alone(model):
     """Prefill a padded batch, then 25 one-token steps (past the window): each row as if alone."""
-    rows = [tokens(n, seed=n)[0] for n in (21, 6, 13)]
+    rows = [random_ids(VOCAB, 1, n, seed=n, low=0)[0] for n in (21, 6, 13)]
     ids, mask = left_pad(rows)
-    steps = tokens(25, batch=3, seed=99)
+    steps = random_ids(VOCAB, 3, 25, seed=99, low=0)
     cache = model.new_cache(3)
     out = model(ids, attention_mask=mask, position_ids=positions(mask), cache=cache).logits[:, -1]
     batch_logits = [out]
@@ -111,7 +110,7 @@ def test_left_padded_decoding_with_cache_equals_each_row_alone(model):
 
 @torch.no_grad()
 def test_attentions_with_a_cache(model):
-    ids = tokens(30)
+    ids = random_ids(VOCAB, 1, 30, seed=1, low=0)
     cache = model.new_cache(1)
     model(ids[:, :29], cache=cache)
     out = model(ids[:, 29:], cache=cache, output_attentions=True)
@@ -134,18 +133,18 @@ def test_attentions_with_a_cache(model):
 def test_cache_overflow_is_a_clear_error(name):
     model = make_model(name)
     cache = model.new_cache(1, max_len=20)
-    model(tokens(15), cache=cache)
+    model(random_ids(VOCAB, 1, 15, seed=1, low=0), cache=cache)
     with pytest.raises(ValueError, match=r"KV cache holds 20 positions but 21 are needed.*max_len"):
-        model(tokens(6), cache=cache)
+        model(random_ids(VOCAB, 1, 6, seed=1, low=0), cache=cache)
     assert cache.pos == 15  # a refused step writes nothing the next step would see
-    model(tokens(5), cache=cache)
+    model(random_ids(VOCAB, 1, 5, seed=1, low=0), cache=cache)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
 @torch.no_grad()
 def test_reorder_permutes_rows(name):
     model = make_model(name)
-    ids = tokens(24, batch=3)
+    ids = random_ids(VOCAB, 3, 24, seed=1, low=0)
     cache = model.new_cache(3)
     model(ids, cache=cache)
     before = [k.clone() for k in cache.k]
@@ -153,7 +152,7 @@ def test_reorder_permutes_rows(name):
     cache.reorder(index)
     for k, old in zip(cache.k, before):
         assert torch.equal(k, old[index])
-    nxt = tokens(1, batch=3, seed=7)
+    nxt = random_ids(VOCAB, 3, 1, seed=7, low=0)
     out = model(nxt, cache=cache).logits[:, -1]
     expected = model(torch.cat((ids[index], nxt), dim=1)).logits[:, -1]
     assert max_diff(out, expected) <= ATOL
@@ -166,11 +165,11 @@ def test_reorder_permutes_rows(name):
 def test_prompt_longer_than_the_context_is_an_error():
     model = make_model("tiny-gpt2")  # max_seq_len 128
     with pytest.raises(ValueError, match=r"sequence of 129 tokens exceeds the model's context of 128"):
-        model(tokens(129))
+        model(random_ids(VOCAB, 1, 129, seed=1, low=0))
     cache = model.new_cache(1)
-    model(tokens(100), cache=cache)
+    model(random_ids(VOCAB, 1, 100, seed=1, low=0), cache=cache)
     with pytest.raises(ValueError, match=r"sequence of 130 tokens exceeds the model's context of 128"):
-        model(tokens(30), cache=cache)
+        model(random_ids(VOCAB, 1, 30, seed=1, low=0), cache=cache)
 
 
 @pytest.mark.parametrize("bad", [512, 10_000, -1])
@@ -192,4 +191,4 @@ def test_malformed_input_ids_are_errors(ids, message):
 def test_wrong_attention_mask_shape_is_an_error(shape):
     model = make_model("tiny-llama")
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, past \+ seq_len\] = \(1, 6\)"):
-        model(tokens(6), attention_mask=torch.ones(shape, dtype=torch.long))
+        model(random_ids(VOCAB, 1, 6, seed=1, low=0), attention_mask=torch.ones(shape, dtype=torch.long))

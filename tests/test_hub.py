@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from local_index import ENTRY, LocalIndex, make_local_index, write_wheel
+from local_index import ENTRY, write_wheel
 from qkv import hub
 from qkv.errors import PullError
-
-
-@pytest.fixture
-def local_index(tmp_path, monkeypatch) -> LocalIndex:
-    return make_local_index(tmp_path, monkeypatch)
 
 
 def test_known_models_are_complete():

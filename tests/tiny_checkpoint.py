@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from qkv import DecoderLM, ModelConfig
 from qkv.checkpoints.native import save_native
 from qkv.tokenizer import train_tokenizer
+from tiny_models import tiny_model
 
 
 def save_tiny_checkpoint(path: Path, corpus: list[str], max_seq_len: int, chat_template: str | None = None) -> Path:
@@ -20,9 +20,7 @@ def save_tiny_checkpoint(path: Path, corpus: list[str], max_seq_len: int, chat_t
     into tokenizer_config.json next to tokenizer.json, where loaders look for it.
     """
     tok = train_tokenizer(kind="bpe", texts=corpus, vocab_size=300, show_progress=False)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=tok.vocab_size, max_seq_len=max_seq_len, tie_embeddings=False)
-    model = DecoderLM(cfg).eval()
+    model = tiny_model("tiny-gpt2", vocab_size=tok.vocab_size, max_seq_len=max_seq_len, tie_embeddings=False)
     with torch.no_grad():
         model.lm_head.weight[:257] = 0.0  # <|endoftext|> and the 256 bytes
     model.tokenizer = tok

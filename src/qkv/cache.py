@@ -29,7 +29,6 @@ class KVCache:
         # static: every layer keeps all `max_len` slots and attends over all of them (masked), so a
         # decode step has the same shapes every time and `torch.compile` captures it once.
         self.static = static
-        self.input_pos: torch.Tensor | None = None  # static mode: the slots this forward writes
         sliding = cfg.sliding_window and cfg.sliding_window < max_len and not static
         self.window = cfg.sliding_window if sliding else None
         n_layers = n_layers or (cfg.n_decoder_layers if cfg.family == "seq2seq" else cfg.n_layers)
@@ -46,20 +45,32 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
-    def key_slots(self, n_new: int) -> torch.Tensor:
-        """Absolute slot of each key that `update` will return for `n_new` new tokens: [S]."""
+    def slots(self, n_new: int, input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query slots [T], key slots [S]) of the next forward of `n_new` tokens.
+
+        The key slots are the absolute positions of the keys that `update` will return. A static
+        cache attends over all of its slots (the causal mask hides the unwritten ones) and writes
+        at `input_pos` [T], which the caller passes as a tensor so the step's shapes never change.
+        """
         device = self.k[0].device
+        if self.static:
+            if input_pos is None:
+                raise ValueError("a static KVCache is written at explicit slots: pass input_pos [T]")
+            return input_pos, torch.arange(self.max_len, device=device)
         new = torch.arange(self.pos, self.pos + n_new, device=device)
         if self.window:
-            return torch.cat((self.ring_slots, new))
-        return torch.arange(self.pos + n_new, device=device)
+            return new, torch.cat((self.ring_slots, new))
+        return new, torch.arange(self.pos + n_new, device=device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, KV, T, hd] for the next T slots; return all keys/values to attend to."""
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, KV, T, hd] for the next T slots (static: at `input_pos`); return all
+        keys/values to attend to."""
         T = k.shape[2]
         if self.static:
-            self.k[layer].index_copy_(2, self.input_pos, k)
-            self.v[layer].index_copy_(2, self.input_pos, v)
+            self.k[layer].index_copy_(2, input_pos, k)
+            self.v[layer].index_copy_(2, input_pos, v)
             return self.k[layer], self.v[layer]
         if self.pos + T > self.max_len:
             raise ValueError(

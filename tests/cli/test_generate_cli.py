@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from qkv.cli.main import main
 from qkv.generation.text import complete
@@ -89,20 +88,29 @@ def test_stop_string(checkpoint, library, capsys):
     assert data["text"] == complete(model, tok, PROMPT, max_new_tokens=12, stop=[stop]).text
 
 
-def test_beam_search_passes_the_tokenizers_eos(checkpoint, library, capsys, monkeypatch):
-    # Token id 0 is the trained tokenizer's EOS: it must reach beam search, not the config's default.
+@pytest.mark.parametrize(
+    "extra", [[], ["--stop", "o"], ["--temperature", 0.8, "--seed", 3], ["--repetition-penalty", 1.5]]
+)
+def test_beam_search_prints_what_complete_returns(checkpoint, library, capsys, extra):
+    """Every decoding flag reaches beam search: stop strings, sampling (seeded), penalties."""
     model, tok, _ = library
-    seen = {}
-
-    def generate(input_ids, **kwargs):
-        seen.update(kwargs)
-        return torch.tensor([[*input_ids[0].tolist(), *tok.encode(" fox"), tok.eos_token_id, tok.eos_token_id]])
-
-    monkeypatch.setattr(model, "generate", generate)
-    monkeypatch.setattr(sys.modules["qkv.load"], "load", lambda *a, **k: model)  # `qkv.load` names the function
-    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "--num-beams", 3, "--json")
-    assert code == 0 and seen["eos_token_id"] == tok.eos_token_id == 0 and seen["num_beams"] == 3
-    assert json.loads(out) == {"text": " fox", "token_ids": tok.encode(" fox"), "num_beams": 3}
+    options = {
+        "--stop": "stop",
+        "--temperature": "temperature",
+        "--seed": "seed",
+        "--repetition-penalty": "repetition_penalty",
+    }
+    kwargs = {options[k]: v for k, v in zip(extra[::2], extra[1::2])}
+    if "stop" in kwargs:
+        kwargs["stop"] = [kwargs["stop"]]
+    ref = complete(model, tok, PROMPT, max_new_tokens=12, num_beams=3, **kwargs)
+    code, out, _ = qkv(capsys, "generate", checkpoint, "--prompt", PROMPT, "-n", 12, "--num-beams", 3, *extra, "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["text"], data["token_ids"], data["finish_reason"]) == (
+        ref.text, ref.token_ids, ref.finish_reason
+    )  # fmt: skip
+    if "stop" in kwargs:
+        assert ref.finish_reason == "stop" and "o" not in ref.text
 
 
 BAD = {
@@ -116,6 +124,11 @@ BAD = {
     "prompt past the context": (["--prompt", "the quick brown fox " * 40], "--prompt"),
     "empty prompt, no BOS": (["--prompt", ""], "--prompt"),
     "missing prompt file": (["--prompt-file", "no/such/prompt.txt"], "--prompt-file"),
+    "beams cannot stream": (["--num-beams", "2", "--stream"], "--stream"),
+    "beams report no logprobs": (["--num-beams", "2", "--logprobs", "2"], "logprobs"),
+    "beams are not compiled": (["--num-beams", "2", "--compile"], "--compile"),
+    "length penalty without beams": (["--length-penalty", "2"], "--length-penalty"),
+    "repetition penalty 0": (["--repetition-penalty", "0"], "--repetition-penalty"),
 }
 
 

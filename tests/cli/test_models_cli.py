@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from local_index import LocalIndex, make_local_index
 from qkv import hub
 from qkv.cli.main import main
-
-
-@pytest.fixture
-def local_index(tmp_path, monkeypatch) -> LocalIndex:
-    return make_local_index(tmp_path, monkeypatch)
 
 
 def test_lists_every_known_model_with_its_package(capsys):

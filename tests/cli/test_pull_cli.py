@@ -6,16 +6,9 @@ network" case is an index on a closed local port.
 
 from __future__ import annotations
 
-import pytest
-
-from local_index import ENTRY, LocalIndex, make_local_index
+from local_index import ENTRY
 from qkv import hub
 from qkv.cli.main import main
-
-
-@pytest.fixture
-def local_index(tmp_path, monkeypatch) -> LocalIndex:
-    return make_local_index(tmp_path, monkeypatch)
 
 
 def test_pull_prints_progress_then_the_path(local_index, capsys):

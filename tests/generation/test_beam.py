@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
-from oracle import make_hf_model, qkv_from_hf
+from oracle import shared_pair
 from qkv import DecoderLM, ModelConfig
-from qkv.generation import generate
+from qkv.generation import GenerationConfig, generate
 from qkv.generation.beam import ban_repeated_ngrams, beam_search
+from tiny_models import random_ids
 
 NEW = 12
-
-
-def _prompt(vocab: int, batch: int, length: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@functools.cache
-def _pair(name: str) -> tuple:
-    """(HF model, qkv model) with the same weights, built once per test session."""
-    hf = make_hf_model(name)
-    return hf, qkv_from_hf(hf)
 
 
 # (model, num_beams, eos_in_reach, options). "mistral-window-8" has a window shorter than prompt + output.
@@ -42,13 +30,13 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "num_beams", "eos_in_reach", "options"), CASES)
 def test_equals_hf_generate(name, num_beams, eos_in_reach, options):
-    hf, model = _pair(name)
-    ids = _prompt(model.config.vocab_size, 1, 7)
+    hf, model = shared_pair(name)
+    ids = random_ids(model.config.vocab_size, 1, 7, seed=3)
     search = dict(num_beams=num_beams, max_new_tokens=NEW, num_return_sequences=num_beams, **options)
-    free = beam_search(model, ids, eos_token_id=[], **search)
+    free = generate(model, ids, eos_token_id=[], **search)
     # In reach: a token the best beam emits early without an EOS; out of reach: the model's EOS.
     eos = int(free[0, ids.shape[1] + 2]) if eos_in_reach else model.config.eos_token_id
-    ours = beam_search(model, ids, eos_token_id=eos, pad_token_id=eos, **search)
+    ours = generate(model, ids, eos_token_id=eos, pad_token_id=eos, **search)
     # Every returned hypothesis must match, not only the best one.
     assert ours.tolist() == hf.generate(ids, do_sample=False, eos_token_id=eos, pad_token_id=eos, **search).tolist()
     assert (ours.tolist() != free.tolist()) == eos_in_reach
@@ -56,8 +44,8 @@ def test_equals_hf_generate(name, num_beams, eos_in_reach, options):
 
 @pytest.mark.parametrize("name", ["llama-gqa-6-2", "mistral-window-8"])
 def test_left_padded_batch_equals_hf_generate(name):
-    hf, model = _pair(name)
-    rows = [_prompt(model.config.vocab_size, 1, n, seed=n)[0] for n in (4, 9, 6)]
+    hf, model = shared_pair(name)
+    rows = [random_ids(model.config.vocab_size, 1, n, seed=n)[0] for n in (4, 9, 6)]
     ids = torch.full((len(rows), 9), 5)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
@@ -65,13 +53,14 @@ def test_left_padded_batch_equals_hf_generate(name):
     eos = model.config.eos_token_id
     kwargs = dict(num_beams=3, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=eos, attention_mask=mask,
                   num_return_sequences=2, length_penalty=0.7)  # fmt: skip
-    assert beam_search(model, ids, **kwargs).tolist() == hf.generate(ids, do_sample=False, **kwargs).tolist()
+    assert generate(model, ids, **kwargs).tolist() == hf.generate(ids, do_sample=False, **kwargs).tolist()
 
 
 def test_one_beam_without_eos_is_greedy():
     model = DecoderLM(ModelConfig.from_name("tiny-llama")).eval()
-    ids = _prompt(512, 2, 5)
-    assert torch.equal(beam_search(model, ids, 1, 10, eos_token_id=[]), generate(model, ids, 10, eos_token_id=[]))
+    ids = random_ids(512, 2, 5, seed=3)
+    one_beam = beam_search(model, ids, GenerationConfig(max_new_tokens=10), n_new=10, eos=())
+    assert torch.equal(one_beam, generate(model, ids, 10, eos_token_id=[]))
 
 
 def test_cache_is_reordered_not_recomputed():
@@ -79,13 +68,13 @@ def test_cache_is_reordered_not_recomputed():
     model = DecoderLM(ModelConfig.from_name("tiny-mistral", sliding_window=4)).eval()
     shapes: list[tuple[int, int]] = []
     model.register_forward_pre_hook(lambda _, args: shapes.append(tuple(args[0].shape)))
-    beam_search(model, _prompt(512, 2, 6), num_beams=3, max_new_tokens=8, eos_token_id=[])
+    generate(model, random_ids(512, 2, 6, seed=3), num_beams=3, max_new_tokens=8, eos_token_id=[])
     assert shapes == [(2, 6)] + [(6, 1)] * 7
 
 
 def test_stops_at_context_limit():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2", max_seq_len=16)).eval()
-    assert beam_search(model, _prompt(512, 1, 10), 2, max_new_tokens=50).shape == (1, 16)
+    assert generate(model, random_ids(512, 1, 10, seed=3), 50, num_beams=2).shape == (1, 16)
 
 
 def test_ban_repeated_ngrams():
@@ -109,4 +98,4 @@ def test_bad_options_raise(kwargs, match):
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2")).eval()
     kwargs = {"num_beams": 2, "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
-        beam_search(model, _prompt(512, 1, 3), **kwargs)
+        generate(model, random_ids(512, 1, 3, seed=3), **kwargs)

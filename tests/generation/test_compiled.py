@@ -1,17 +1,13 @@
-"""The static-shape decode step (`DecoderLM.static_step`) and `generate(compile=True)`."""
+"""The static-shape decode step (a static `KVCache` written at `input_pos`) and `generate(compile=True)`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qkv import DecoderLM, KVCache, ModelConfig
-from qkv.generation.decode import static_cache_len
-
-
-def _model(preset: str, **overrides) -> DecoderLM:
-    torch.manual_seed(0)
-    return DecoderLM(ModelConfig.from_name(preset, **overrides)).eval()
+from qkv import KVCache
+from qkv.generation.static_step import StaticStep, static_cache_len
+from tiny_models import tiny_model
 
 
 @pytest.mark.parametrize(
@@ -24,14 +20,32 @@ def _model(preset: str, **overrides) -> DecoderLM:
     ],
 )
 def test_static_step_equals_forward(preset, overrides):
-    model = _model(preset, **overrides)
+    model = tiny_model(preset, **overrides)
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
         cache = KVCache(model.config, 2, 64, static=True)
-        parts = [model.static_step(ids[:, :9], torch.arange(9), cache)]
-        parts += [model.static_step(ids[:, i : i + 1], torch.tensor([i]), cache) for i in range(9, 30)]
+        parts = [model(ids[:, :9], cache=cache, input_pos=torch.arange(9)).logits]
+        parts += [model(ids[:, i : i + 1], cache=cache, input_pos=torch.tensor([i])).logits for i in range(9, 30)]
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
+
+
+def test_eager_static_step_runner_equals_forward():
+    model = tiny_model("tiny-llama")
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+    runner = StaticStep(model)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = runner.new_cache(1, 12)
+        assert cache.static and cache.max_len == 256
+        got = [runner.prefill(ids[:, :5], cache)] + [runner.step(ids[:, i], i, cache) for i in range(5, 12)]
+    assert (torch.stack(got, dim=1) - full[:, 4:]).abs().max().item() <= 1e-5
+
+
+def test_static_cache_needs_input_pos():
+    model = tiny_model("tiny-gpt2")
+    with pytest.raises(ValueError, match="input_pos"):
+        model(torch.tensor([[1, 2]]), cache=model.new_cache(1, 8, static=True))
 
 
 def test_static_cache_len_rounds_up_within_the_context():
@@ -42,15 +56,16 @@ def test_static_cache_len_rounds_up_within_the_context():
 
 
 def test_compiled_generate_equals_eager():
-    model = _model("tiny-llama")
+    model = tiny_model("tiny-llama")
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
     eager = model.generate(ids, max_new_tokens=20)
     assert torch.equal(model.generate(ids, max_new_tokens=20, compile=True), eager)
     assert torch.equal(model.generate(ids[:, :5], max_new_tokens=20, compile=True), model.generate(ids[:, :5], 20))
+    assert not any(name.startswith("_qkv") for name in vars(model))  # the compiled step is not parked on the model
 
 
 def test_compile_refuses_padding():
-    model = _model("tiny-gpt2")
+    model = tiny_model("tiny-gpt2")
     ids = torch.randint(0, 512, (2, 4))
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     with pytest.raises(ValueError, match="left-padded"):
@@ -59,4 +74,4 @@ def test_compile_refuses_padding():
 
 def test_compile_refuses_beam_search():
     with pytest.raises(ValueError, match="beam search"):
-        _model("tiny-gpt2").generate(torch.randint(0, 512, (1, 4)), max_new_tokens=3, num_beams=2, compile=True)
+        tiny_model("tiny-gpt2").generate(torch.randint(0, 512, (1, 4)), max_new_tokens=3, num_beams=2, compile=True)

@@ -7,16 +7,13 @@ import torch
 
 from qkv import DecoderLM, ModelConfig
 from qkv.generation import generate
-
-
-def _prompt(vocab: int, batch: int, length: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+from tiny_models import random_ids
 
 
 @pytest.mark.parametrize("new", [24])
 def test_greedy_equals_hf_generate(hf_pair, new):
     name, hf, model = hf_pair
-    ids = _prompt(model.config.vocab_size, 1, 10)
+    ids = random_ids(model.config.vocab_size, 1, 10, seed=3)
     eos = model.config.eos_token_id
     ref = hf.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos)
     ours = model.generate(ids, max_new_tokens=new, eos_token_id=eos)
@@ -26,7 +23,7 @@ def test_greedy_equals_hf_generate(hf_pair, new):
 def test_batched_left_padding_equals_one_by_one():
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig.from_name("tiny-mistral", sliding_window=6)).eval()
-    rows = [_prompt(512, 1, n, seed=n)[0] for n in (3, 9, 6)]
+    rows = [random_ids(512, 1, n, seed=n)[0] for n in (3, 9, 6)]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -41,7 +38,7 @@ def test_batched_left_padding_equals_one_by_one():
 
 def test_sampling_is_reproducible_with_seed():
     model = DecoderLM(ModelConfig.from_name("tiny-llama")).eval()
-    ids = _prompt(512, 2, 5)
+    ids = random_ids(512, 2, 5, seed=3)
     a = generate(model, ids, max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=7)
     b = generate(model, ids, max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=7)
     c = generate(model, ids, max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=8)
@@ -51,13 +48,13 @@ def test_sampling_is_reproducible_with_seed():
 
 def test_top_k_one_is_greedy():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2")).eval()
-    ids = _prompt(512, 1, 4)
+    ids = random_ids(512, 1, 4, seed=3)
     assert torch.equal(generate(model, ids, 8, temperature=1.3, top_k=1, seed=0), generate(model, ids, 8))
 
 
 def test_eos_stops_and_pads():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2")).eval()
-    ids = _prompt(512, 2, 4)
+    ids = random_ids(512, 2, 4, seed=3)
     free = generate(model, ids, 6)[0].tolist()
     first = next(j for j in range(4, 10) if free[j] not in free[:j])  # a token row 0 emits first at j
     eos = free[first]
@@ -68,7 +65,7 @@ def test_eos_stops_and_pads():
 
 def test_stops_at_context_limit():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2", max_seq_len=16)).eval()
-    out = generate(model, _prompt(512, 1, 10), max_new_tokens=50)
+    out = generate(model, random_ids(512, 1, 10, seed=3), max_new_tokens=50)
     assert out.shape == (1, 16)
 
 
@@ -85,10 +82,10 @@ def test_bad_options_raise(kwargs, match):
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2")).eval()
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
-        generate(model, _prompt(512, 1, 3), **kwargs)
+        generate(model, random_ids(512, 1, 3, seed=3), **kwargs)
 
 
 def test_prompt_longer_than_context_raises():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2", max_seq_len=8)).eval()
     with pytest.raises(ValueError, match="context"):
-        generate(model, _prompt(512, 1, 9), max_new_tokens=2)
+        generate(model, random_ids(512, 1, 9, seed=3), max_new_tokens=2)

@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 import torch
 
+from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import (
     build_processors,
     frequency_presence_penalty,
@@ -170,7 +171,7 @@ def test_typical_equals_transformers(logits, input_ids, mass):
 
 def test_processor_chain_equals_transformers(logits, input_ids):
     # The order build_processors applies is transformers': penalty, temperature, top-k, top-p, min-p.
-    chain = build_processors(temperature=0.8, top_k=12, top_p=0.9, min_p=0.05, repetition=1.2)
+    chain = build_processors(GenerationConfig(temperature=0.8, top_k=12, top_p=0.9, min_p=0.05, repetition_penalty=1.2))
     ref = hf.LogitsProcessorList(
         [
             hf.RepetitionPenaltyLogitsProcessor(1.2),
@@ -189,5 +190,6 @@ def test_processor_chain_equals_transformers(logits, input_ids):
 
 
 def test_neutral_options_add_no_processor():
-    assert build_processors() == []
-    assert build_processors(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition=1.0, typical_p=1.0) == []
+    assert build_processors(GenerationConfig()) == []
+    neutral = GenerationConfig(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, typical_p=1.0)
+    assert build_processors(neutral) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qkv import DecoderLM, ModelConfig
-from qkv.generation import build_processors, generate, sample_next_token
+from qkv.generation import GenerationConfig, build_processors, generate, sample_next_token
 
 # Upper 0.001 quantiles of the chi-square distribution by degrees of freedom (any statistics
 # table, e.g. NIST/SEMATECH e-Handbook §1.3.6.7.4): a correct sampler fails 1 run in 1000, and
@@ -27,7 +27,7 @@ def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
 def draw(logits: torch.Tensor, n: int, seed: int, **options) -> torch.Tensor:
     """n tokens drawn from one row of logits [V] after the processors for `options`."""
     rows = logits.expand(n, -1)
-    for proc in build_processors(**options):
+    for proc in build_processors(GenerationConfig(**options)):
         rows = proc(rows, torch.empty(n, 0, dtype=torch.long))
     return sample_next_token(rows, torch.Generator().manual_seed(seed))
 

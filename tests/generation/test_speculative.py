@@ -10,13 +10,11 @@ import torch
 from oracle import make_hf_model, qkv_from_hf
 from qkv import DecoderLM, ModelConfig
 from qkv.generation import generate
-from qkv.generation.speculative import early_exit_draft, speculative_generate
+from qkv.generation.speculative import speculative_generate
+from qkv.models.decoder import early_exit_draft
+from tiny_models import random_ids
 
 NEW = 24
-
-
-def _prompt(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 
 @functools.cache
@@ -37,7 +35,7 @@ def _models(name: str) -> dict[str, DecoderLM]:
 def test_equals_target_greedy(name, draft_kind, k):
     models = _models(name)
     target, draft = models["target"], models[draft_kind]
-    ids = _prompt(target.config.vocab_size, 10)
+    ids = random_ids(target.config.vocab_size, 1, 10, seed=0)
     out, stats = speculative_generate(target, draft, ids, NEW, num_draft_tokens=k, eos_token_id=[])
     assert out.tolist() == generate(target, ids, NEW, eos_token_id=[]).tolist()
     assert 0 <= stats.accepted <= stats.proposed
@@ -50,7 +48,7 @@ def test_equals_target_greedy(name, draft_kind, k):
 
 def test_hf_greedy_oracle():
     models = _models("llama-gqa-6-2")
-    ids = _prompt(97, 10)
+    ids = random_ids(97, 1, 10, seed=0)
     hf = make_hf_model("llama-gqa-6-2")
     ref = hf.generate(ids, max_new_tokens=NEW, do_sample=False, eos_token_id=2, pad_token_id=2)
     out, _ = speculative_generate(models["target"], models["first-layer"], ids, NEW, eos_token_id=2)
@@ -61,7 +59,7 @@ def test_hf_greedy_oracle():
 def test_stops_at_eos_inside_an_accepted_run(draft_kind):
     models = _models("llama-gqa-6-2")
     target = models["target"]
-    ids = _prompt(97, 10)
+    ids = random_ids(97, 1, 10, seed=0)
     free = generate(target, ids, NEW, eos_token_id=[])[0, 10:].tolist()
     eos = next(t for i, t in enumerate(free) if i >= 5 and t not in free[:i])  # first emitted at step i
     out, _ = speculative_generate(target, models[draft_kind], ids, NEW, num_draft_tokens=8, eos_token_id=eos)
@@ -73,7 +71,7 @@ def test_stops_at_eos_inside_an_accepted_run(draft_kind):
 def test_short_runs_and_context_limit(max_new_tokens):
     target = DecoderLM(ModelConfig.from_name("tiny-llama", max_seq_len=14)).eval()
     draft = early_exit_draft(target, 1)
-    ids = _prompt(512, 10)
+    ids = random_ids(512, 1, 10, seed=0)
     out, _ = speculative_generate(target, draft, ids, max_new_tokens, num_draft_tokens=3, eos_token_id=[])
     assert out.tolist() == generate(target, ids, max_new_tokens, eos_token_id=[]).tolist()
     assert out.shape[1] == 10 + min(max_new_tokens, 4)
@@ -91,10 +89,10 @@ def test_early_exit_draft_shares_weights():
 @pytest.mark.parametrize(
     ("draft_cfg", "ids", "kwargs", "match"),
     [
-        (dict(vocab_size=256), _prompt(256, 4), {}, "vocabulary"),
+        (dict(vocab_size=256), random_ids(256, 1, 4, seed=0), {}, "vocabulary"),
         ({}, torch.zeros(2, 4, dtype=torch.long), {}, r"\[1, T\]"),
-        ({}, _prompt(512, 4), dict(num_draft_tokens=0), "num_draft_tokens"),
-        ({}, _prompt(512, 4), dict(max_new_tokens=0), "max_new_tokens"),
+        ({}, random_ids(512, 1, 4, seed=0), dict(num_draft_tokens=0), "num_draft_tokens"),
+        ({}, random_ids(512, 1, 4, seed=0), dict(max_new_tokens=0), "max_new_tokens"),
     ],
 )
 def test_bad_inputs_raise(draft_cfg, ids, kwargs, match):

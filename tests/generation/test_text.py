@@ -204,11 +204,12 @@ def test_finish_context(model, tok):
     filler = (tok.encode(PROMPT) * limit)[:limit]
     out = complete(model, tok, filler[:-5], max_new_tokens=20, eos_token_id=[])
     assert out.finish_reason == "context" and len(out.token_ids) == 5
-    full = complete(model, tok, filler)  # the prompt alone fills the context
-    assert full.finish_reason == "context" and full.token_ids == [] and full.text == ""
-    json.dumps(full.to_dict(), allow_nan=False)  # no inf tokens/s when nothing was decoded
-    with pytest.raises(ValueError, match="longer than the model's context"):
-        complete(model, tok, [*filler, filler[0]], max_new_tokens=1)
+    one = complete(model, tok, filler[:-1], max_new_tokens=20, eos_token_id=[])  # room for one token
+    assert one.finish_reason == "context" and len(one.token_ids) == 1
+    json.dumps(one.to_dict(), allow_nan=False)  # no inf tokens/s when nothing was decoded after the prefill
+    for prompt in (filler, [*filler, filler[0]]):  # a prompt that fills the context leaves no room
+        with pytest.raises(ValueError, match="leaves no room in the model's context"):
+            complete(model, tok, prompt, max_new_tokens=1)
 
 
 def test_logprobs_equal_full_forward(model, tok):

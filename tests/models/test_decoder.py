@@ -6,19 +6,15 @@ import pytest
 import torch
 
 from qkv import DecoderLM, ModelConfig
+from tiny_models import random_ids
 
 TOL = 1e-4
-
-
-def _ids(vocab: int, batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, length), generator=g)
 
 
 def test_logits_match_hf(hf_pair):
     name, hf, model = hf_pair
     # Longer than the Mistral window (8) and than the dynamic-RoPE original context (16).
-    ids = _ids(model.config.vocab_size, 2, 40)
+    ids = random_ids(model.config.vocab_size, 2, 40, seed=1)
     with torch.no_grad():
         ref = hf(ids).logits
         out = model(ids).logits
@@ -27,7 +23,7 @@ def test_logits_match_hf(hf_pair):
 
 def test_left_padding_matches_hf(hf_pair):
     name, hf, model = hf_pair
-    ids = _ids(model.config.vocab_size, 3, 20)
+    ids = random_ids(model.config.vocab_size, 3, 20, seed=1)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     mask[2, :11] = 0
@@ -40,7 +36,7 @@ def test_left_padding_matches_hf(hf_pair):
 
 def test_hidden_states_and_attentions_match_hf(hf_pair):
     name, hf, model = hf_pair
-    ids = _ids(model.config.vocab_size, 1, 12)
+    ids = random_ids(model.config.vocab_size, 1, 12, seed=1)
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True, output_attentions=True)
         out = model(ids, output_hidden_states=True, output_attentions=True)
@@ -55,7 +51,7 @@ def test_hidden_states_and_attentions_match_hf(hf_pair):
 
 def test_loss_matches_hf(hf_pair):
     name, hf, model = hf_pair
-    ids = _ids(model.config.vocab_size, 2, 16)
+    ids = random_ids(model.config.vocab_size, 2, 16, seed=1)
     labels = ids.clone()
     labels[0, :4] = -100
     with torch.no_grad():
@@ -68,7 +64,7 @@ def test_cache_matches_full_forward(hf_pair):
     name, _, model = hf_pair
     if "dynamic" in name:
         pytest.skip("dynamic NTK rescales RoPE with the current length, so cached keys differ by design")
-    ids = _ids(model.config.vocab_size, 2, 30)
+    ids = random_ids(model.config.vocab_size, 2, 30, seed=1)
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache(2, 40)
@@ -100,7 +96,7 @@ def test_tied_embeddings_share_storage():
 
 def test_logits_to_keep_equals_slice():
     model = DecoderLM(ModelConfig.from_name("tiny-llama")).eval()
-    ids = _ids(512, 2, 10)
+    ids = random_ids(512, 2, 10, seed=1)
     with torch.no_grad():
         assert torch.allclose(model(ids, logits_to_keep=1).logits, model(ids).logits[:, -1:], atol=1e-6)
 

@@ -18,9 +18,7 @@ HEADS = {"mha": (4, 4), "mqa": (4, 1), "gqa-6/2": (6, 2), "gqa-8/2": (8, 2)}
 B, T, HD = 2, 7, 8
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def make_mask(kind: str, n_heads: int, T: int = T) -> AttentionMask:
@@ -225,7 +223,7 @@ def test_self_attention_module_equals_reference(backend):
 def test_cross_attention_module_equals_reference(backend):
     attn = Attention(tiny_cfg(attn_backend=backend), cross=True).eval()
     x, context = torch.randn(B, 5, 48), torch.randn(B, 11, 48)
-    out, _ = attn(x, AttentionInputs(), context)
+    out, _ = attn(x, AttentionInputs(masks={"cross": AttentionMask(None)}), context)
     torch.testing.assert_close(out, module_reference(attn, x, AttentionMask(None), context), atol=1e-5, rtol=1e-5)
 
 
@@ -240,3 +238,9 @@ def test_attention_dropout_only_in_train_mode(backend):
     first = attn(x, inputs)[0]
     assert torch.equal(first, attn(x, inputs)[0])
     torch.testing.assert_close(first, module_reference(attn, x, inputs.masks["full"]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_mask_kind_is_an_error_not_no_mask():
+    attn = Attention(tiny_cfg(sliding_window=4)).eval()  # a sliding-window layer reads the "sliding" mask
+    with pytest.raises(ValueError, match="no attention mask of kind 'sliding'.*have: \\['full'\\]"):
+        attn(torch.randn(B, T, 48), AttentionInputs(masks={"full": AttentionMask(None)}))

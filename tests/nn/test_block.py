@@ -9,14 +9,12 @@ import torch
 from qkv.config import ModelConfig
 from qkv.nn.attention import AttentionInputs
 from qkv.nn.block import Block
-from qkv.nn.mask import build_attention_mask
+from qkv.nn.mask import AttentionMask, build_attention_mask
 
 B, T, S, D = 2, 6, 9, 32
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def make_block(norm_position: str, cross: bool = False, **overrides) -> Block:
@@ -60,7 +58,7 @@ def test_post_norm_residuals():
 def test_cross_attention_sits_between_self_attention_and_mlp(norm_position):
     block = make_block(norm_position, cross=True)
     x, context, inp = torch.randn(B, T, D), torch.randn(B, S, D), inputs()
-    ctx_inputs = AttentionInputs()
+    ctx_inputs = AttentionInputs(masks={"cross": AttentionMask(None)})
 
     def cross(h):
         return block.cross_attn(h, ctx_inputs, context)[0]
@@ -81,7 +79,7 @@ def test_attention_weights_come_back_when_asked():
     x, context = torch.randn(B, T, D), torch.randn(B, S, D)
     inp = inputs()
     inp.need_weights = True
-    _, self_weights, cross_weights = block(x, inp, context, AttentionInputs(need_weights=True))
+    _, self_weights, cross_weights = block(x, inp, context, AttentionInputs(masks={"cross": AttentionMask(None)}, need_weights=True))
     assert self_weights.shape == (B, 4, T, T) and cross_weights.shape == (B, 4, T, S)
 
 

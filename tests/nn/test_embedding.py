@@ -14,9 +14,7 @@ from qkv.nn.position import sinusoidal_table
 V, D, L = 50, 16, 32
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def make(position: str, scale: bool = False, **overrides) -> Embeddings:

@@ -17,9 +17,7 @@ from qkv.nn.mlp import ACTIVATIONS, MLP
 D, FF = 16, 24
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def gelu(x):  # Hendrycks & Gimpel 2016: x * Phi(x)

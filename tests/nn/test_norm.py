@@ -14,9 +14,7 @@ from qkv.nn.norm import RMSNorm, make_norm
 D = 48
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("seeded")
 
 
 def cfg(**overrides) -> ModelConfig:

@@ -1,5 +1,6 @@
 """The training loop: it learns, resumes bit-exactly, guards against NaN, and records the run."""
 
+import functools
 import json
 import math
 import subprocess
@@ -10,16 +11,14 @@ import torch
 
 import qkv
 from qkv.training import BlockLoader, NonFiniteLossError, Trainer, TrainingConfig
+from tiny_models import tiny_model
 
 VOCAB, SEQ = 64, 16
 
 
-def tiny_model(seed: int = 0, **overrides) -> qkv.DecoderLM:
-    torch.manual_seed(seed)
-    cfg = qkv.ModelConfig.from_name(
-        "tiny-gpt2", vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=1, max_seq_len=SEQ, **overrides
-    )
-    return qkv.DecoderLM(cfg)
+# One layer, 32 wide: a training step takes milliseconds. (Trainer.train() puts it in train mode.)
+tiny_gpt2 = functools.partial(tiny_model, "tiny-gpt2", vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=1,
+                              max_seq_len=SEQ)  # fmt: skip
 
 
 @pytest.fixture
@@ -31,22 +30,24 @@ def blocks():
 def test_overfits_one_batch(blocks):
     loader = BlockLoader(blocks[:4], batch_size=4, shuffle=False)
     config = TrainingConfig(steps=120, lr=1e-2, warmup_steps=10, weight_decay=0.0, progress=False)
-    records = Trainer(tiny_model(), config, loader).train()
+    records = Trainer(tiny_gpt2(), config, loader).train()
     assert records[0]["loss"] > 3.5  # ~ln(64) at init
     assert records[-1]["loss"] < 0.1
 
 
-def test_resume_gives_the_same_losses_bit_for_bit(blocks, tmp_path):
+@pytest.mark.parametrize("threads", [1, "default"], indirect=True, ids=["1-thread", "default-threads"])
+def test_resume_gives_the_same_losses_bit_for_bit(blocks, tmp_path, threads):
     # Dropout, shuffling, accumulation and clipping all on: every piece of state must come back.
+    # Bit for bit with one thread and with torch's default count (both runs use the same count).
     def config(out):
         return TrainingConfig(steps=6, lr=3e-3, warmup_steps=2, grad_accum=2, grad_clip=0.5, eval_every=3,
                               save_every=3, out_dir=str(out), progress=False)  # fmt: skip
 
-    straight = Trainer(tiny_model(dropout=0.1), config(tmp_path / "a"), BlockLoader(blocks[:16], 2), blocks[16:])
+    straight = Trainer(tiny_gpt2(dropout=0.1), config(tmp_path / "a"), BlockLoader(blocks[:16], 2), blocks[16:])
     expected = straight.train()
 
     run = tmp_path / "b"
-    first = Trainer(tiny_model(dropout=0.1), config(run), BlockLoader(blocks[:16], 2), blocks[16:])
+    first = Trainer(tiny_gpt2(dropout=0.1), config(run), BlockLoader(blocks[:16], 2), blocks[16:])
     first.train(until=4)  # checkpoint at step 3, then "killed" during step 5
     torch.manual_seed(1234)  # a new process starts from other RNG states
     resumed = Trainer.from_checkpoint(run / "checkpoint", BlockLoader(blocks[:16], 2), blocks[16:])
@@ -77,7 +78,7 @@ print(json.dumps([r["loss"] for r in trainer.train() if "loss" in r]))
 def test_resume_in_a_new_process(blocks, tmp_path):
     def trainer(out):
         config = TrainingConfig(steps=4, lr=3e-3, warmup_steps=1, save_every=2, out_dir=str(out), progress=False)
-        return Trainer(tiny_model(dropout=0.1), config, BlockLoader(blocks[:16], 2), blocks[16:])
+        return Trainer(tiny_gpt2(dropout=0.1), config, BlockLoader(blocks[:16], 2), blocks[16:])
 
     expected = [r["loss"] for r in trainer(tmp_path / "a").train() if "loss" in r]
     trainer(tmp_path / "b").train(until=2)
@@ -95,7 +96,7 @@ def test_resume_in_a_new_process(blocks, tmp_path):
 
 def test_grad_accumulation_matches_one_big_batch(blocks):
     def one_step(batch_size, grad_accum):
-        model = tiny_model()
+        model = tiny_gpt2()
         config = TrainingConfig(steps=1, lr=1e-3, grad_accum=grad_accum, progress=False)
         Trainer(model, config, BlockLoader(blocks[:4], batch_size, shuffle=False)).train()
         return model.state_dict()
@@ -108,11 +109,11 @@ def test_grad_accumulation_matches_one_big_batch(blocks):
 def test_nan_guard_stops_at_the_first_bad_step(blocks, lr):
     config = TrainingConfig(steps=5, lr=lr, min_lr=0.0, progress=False)
     with pytest.raises(NonFiniteLossError, match=r"step 2: the loss is nan"):
-        Trainer(tiny_model(), config, BlockLoader(blocks, 4)).train()
+        Trainer(tiny_gpt2(), config, BlockLoader(blocks, 4)).train()
 
 
 def test_nan_guard_names_the_step_and_skips_the_update(blocks):
-    model = tiny_model()
+    model = tiny_gpt2()
     calls = []
 
     def poison_third_loss(module, args, kwargs, output):
@@ -131,7 +132,7 @@ def test_nan_guard_names_the_step_and_skips_the_update(blocks):
 
 def test_metrics_jsonl_and_loss_curve(blocks, tmp_path):
     config = TrainingConfig(steps=4, lr=1e-3, eval_every=2, out_dir=str(tmp_path), progress=False)
-    Trainer(tiny_model(), config, BlockLoader(blocks[:16], 4), blocks[16:]).train()
+    Trainer(tiny_gpt2(), config, BlockLoader(blocks[:16], 4), blocks[16:]).train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -146,7 +147,7 @@ def test_metrics_jsonl_and_loss_curve(blocks, tmp_path):
 
 def test_bf16_autocast_trains(blocks):
     config = TrainingConfig(steps=2, lr=1e-3, bf16=True, progress=False)
-    model = tiny_model()
+    model = tiny_gpt2()
     records = Trainer(model, config, BlockLoader(blocks, 4), blocks[:4]).train()
     assert all(math.isfinite(r.get("loss", r.get("eval_loss"))) for r in records)
     assert model.lm_head.weight.dtype == torch.float32  # autocast leaves the weights in float32

@@ -6,17 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from qkv import DecoderLM, ModelConfig
 from qkv.checkpoints.native import save_native
 from qkv.cli.main import main
 from qkv.tokenizer import train_tokenizer
 from qkv.viz import attention_maps, plot_attention
+from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return DecoderLM(ModelConfig.from_name("tiny-llama", n_layers=3)).eval()
+    return tiny_model("tiny-llama", n_layers=3)
 
 
 def test_maps_are_the_models_attention_weights(model):
@@ -57,8 +56,7 @@ def test_wrong_label_count(model, tmp_path):
 
 def test_cli_writes_map(tmp_path, capsys):
     tok = train_tokenizer(kind="bpe", texts=["def fibonacci(n): return n"] * 10, vocab_size=280, show_progress=False)
-    torch.manual_seed(0)
-    model = DecoderLM(ModelConfig.from_name("tiny-gpt2", vocab_size=tok.vocab_size)).eval()
+    model = tiny_model("tiny-gpt2", vocab_size=tok.vocab_size)
     model.tokenizer = tok
     ckpt = save_native(model, tmp_path / "ckpt")
     code = main(["attention", str(ckpt), "--prompt", "def fibonacci(n):", "--out", str(tmp_path / "m.png")])

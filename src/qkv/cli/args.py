@@ -25,6 +25,7 @@ def _checked(cast: Callable[[str], float], ok: Callable[[float], bool], rule: st
 
 positive_int = _checked(int, lambda v: v >= 1, ">= 1")
 non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 probability = _checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from qkv.cli.args import add_model_argument
-from qkv.cli.generate import add_sampling_arguments, sampling_options
+from qkv.cli.generate import add_sampling_arguments, generation_config
+from qkv.errors import QkvError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,13 +30,13 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"{args.model} carries no tokenizer; chat needs one")
+        raise UsageError(f"{args.model} carries no tokenizer; chat needs one")
     if getattr(tok, "chat_template", None) is None:  # say so before reading any input
-        raise ValueError(
+        raise UsageError(
             f"{args.model} has no chat template (none in its tokenizer_config.json or GGUF metadata); "
             "add a chat_template there, or use `qkv generate` to continue plain text"
         )
-    options = sampling_options(args)
+    config = generation_config(args)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
@@ -65,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         reply = []
         try:
-            for item in stream_completion(model, tok, prompt, add_special_tokens=False, **options):
+            for item in stream_completion(model, tok, prompt, config, add_special_tokens=False, compile=args.compile):
                 if isinstance(item, str):
                     reply.append(item)
                     sys.stdout.write(item)
                     sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
-        except ValueError as exc:  # e.g. the conversation no longer fits the context: keep the session
+        except QkvError as exc:  # e.g. the conversation no longer fits the context: keep the session
             messages.pop()
             print(f"qkv chat: {exc} (message dropped; /reset starts a new conversation)", file=sys.stderr)
             continue

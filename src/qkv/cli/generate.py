@@ -6,7 +6,16 @@ import argparse
 import json
 import sys
 
-from qkv.cli.args import add_model_argument, non_negative_float, non_negative_int, positive_int, probability
+from qkv.cli.args import (
+    add_model_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from qkv.errors import UsageError
+from qkv.generation.options import GenerationConfig
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +26,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--min-p", type=probability, default=None)
     p.add_argument("--typical-p", type=probability, default=None)
-    p.add_argument("--repetition-penalty", type=non_negative_float, default=None)
+    p.add_argument("--repetition-penalty", type=positive_float, default=None, help="1 disables it")
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -26,15 +35,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="decode through a compiled static step (~30 s to compile)")
 
 
-def sampling_options(args: argparse.Namespace) -> dict:
-    """The keyword options of `qkv.generation.text.stream_completion` from parsed flags."""
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        raise ValueError("--repetition-penalty must be > 0 (1 disables it)")
-    return dict(
+def generation_config(args: argparse.Namespace, **more) -> GenerationConfig:
+    """The one `GenerationConfig` that the decoding flags describe (`more`: flags of one subcommand)."""
+    return GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
-        stop=args.stop, compile=args.compile,
+        stop=tuple(args.stop), **more,
     )  # fmt: skip
 
 
@@ -46,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", help="read the prompt from this file")
     add_sampling_arguments(p)
     p.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = no beam search)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--logprobs", type=non_negative_int, default=0, metavar="N", help="report top-N log-probs")
@@ -61,76 +69,65 @@ def read_prompt(args: argparse.Namespace) -> str:
             with open(args.prompt_file, encoding="utf-8") as f:
                 return f.read()
         except OSError as exc:
-            raise ValueError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
+            raise UsageError(f"--prompt-file {args.prompt_file}: {exc.strerror}") from None
     return args.prompt
 
 
 def encode_checked(args: argparse.Namespace, model, tok, prompt: str, add_special: bool) -> list[int]:
-    """The prompt's ids; a ValueError naming the flag when it is empty or does not fit the context."""
+    """The prompt's ids; an error naming the flag when it is empty or does not fit the context."""
     from qkv.generation.decode import context_budget
     from qkv.generation.text import encode_prompt
 
     try:
         ids = encode_prompt(tok, prompt, add_special)
-        context_budget(model, len(ids), args.max_new_tokens)
-    except ValueError as exc:
+        context_budget(model.config.context_limit, len(ids), args.max_new_tokens)
+    except UsageError as exc:
         flag = f"--prompt-file {args.prompt_file}" if args.prompt_file else "--prompt"
-        raise ValueError(f"{flag}: {exc}") from None
+        raise UsageError(f"{flag}: {exc}") from None
     return ids
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv.generation.text import stream_completion
+    from qkv.generation.text import complete, stream_completion
     from qkv.load import load
 
     prompt = read_prompt(args)
+    beams = {"num_beams": args.num_beams, "length_penalty": args.length_penalty} if args.num_beams > 1 else {}
+    if args.length_penalty != 1.0 and not beams:
+        raise UsageError("--length-penalty applies to beam search; add --num-beams N (N > 1)")
+    config = generation_config(args, logprobs=bool(args.logprobs), top_logprobs=args.logprobs, **beams)
+    if beams and args.stream:
+        raise UsageError("--stream cannot be used with --num-beams: beam search knows its text only at the end")
+    if beams and args.compile:
+        raise UsageError("--compile applies to greedy and sampled decoding, not to --num-beams")
+    if beams:
+        config.check_supported("beam")  # refuse what beams cannot do before loading the model
     model = load(args.model, dtype=args.dtype)
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"{args.model} carries no tokenizer, so a text prompt cannot be encoded")
+        raise UsageError(f"{args.model} carries no tokenizer, so a text prompt cannot be encoded")
     add_special = True
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
         prompt, add_special = tok.apply_chat_template(messages, add_generation_prompt=True), False
-    options = sampling_options(args)
     ids = encode_checked(args, model, tok, prompt, add_special)
-    if args.num_beams > 1:
-        return _run_beam(args, model, tok, ids, options)
-    result = None
-    for item in stream_completion(
-        model, tok, ids, top_logprobs=args.logprobs, logprobs=bool(args.logprobs), **options
-    ):  # fmt: skip
-        if isinstance(item, str):
-            if args.stream:
-                sys.stdout.write(item)
-                sys.stdout.flush()
-        else:
-            result = item
+    if beams:
+        result = complete(model, tok, ids, config)
+    else:
+        result = None
+        for item in stream_completion(model, tok, ids, config, compile=args.compile):
+            if isinstance(item, str):
+                if args.stream:
+                    sys.stdout.write(item)
+                    sys.stdout.flush()
+            else:
+                result = item
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
     elif args.stream:
         sys.stdout.write("\n")
     else:
         print(result.text)
-    return 0
-
-
-def _run_beam(args, model, tok, ids, options) -> int:
-    import torch
-
-    # `is not None`, not `or`: id 0 is a valid EOS (GPT-2-style trained tokenizers put it there).
-    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
-    out = model.generate(
-        torch.tensor([ids]), max_new_tokens=options["max_new_tokens"], num_beams=args.num_beams, eos_token_id=eos,
-    )  # fmt: skip
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
-    new = out[0, len(ids) :].tolist()
-    new = new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]  # EOS and the padding after it
-    text = tok.decode(new, skip_special_tokens=True)
-    if args.json:
-        print(json.dumps({"text": text, "token_ids": new, "num_beams": args.num_beams}, ensure_ascii=False))
-    else:
-        print(text)
     return 0

@@ -7,6 +7,10 @@ several EOS ids, so `num_beams` unfinished ones always remain): among them, thos
 `sum_logprobs / generated_len ** length_penalty`; the best unfinished ones keep running, and the
 cache rows are reordered to follow them (`KVCache.reorder`, never recomputed). At the last step
 (max_new_tokens or the model's context) the top `num_beams` continuations are all finished.
+The penalties (repetition, frequency/presence) apply to the log-probs before scoring, as HF applies
+its processors; with temperature > 0 the sampling filters do too, and the candidates are drawn
+from the scores instead of taken from the top (HF's beam sampling). A candidate that completes a
+stop string ends like one that emits EOS (it keeps the token that completed it).
 
 A prompt stops being searched when
 - `early_stopping=True`: it has `num_beams` finished hypotheses;
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from qkv.generation.decode import decode_one_token, prefill
+from qkv.generation.decode import decode_one_token, prefill, sampling_setup
+from qkv.generation.options import GenerationConfig
+from qkv.generation.stopping import StopStrings
 
 
 def ban_repeated_ngrams(logits: torch.Tensor, input_ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -49,58 +55,35 @@ def ban_repeated_ngrams(logits: torch.Tensor, input_ids: torch.Tensor, n: int) -
     return logits.masked_fill(banned[:, :-1], float("-inf"))
 
 
-def _check_options(
-    num_beams: int, max_new_tokens: int, num_return_sequences: int, early_stopping: bool | str, ngram: int
-) -> None:
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams={num_beams!r} must be an integer >= 1")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams={num_beams}")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping={early_stopping!r} must be True, False or 'never'")
-    if ngram < 0:
-        raise ValueError(f"no_repeat_ngram_size={ngram} must be >= 0 (0 disables it)")
-
-
 @torch.no_grad()
 def beam_search(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
-    num_beams: int,
-    max_new_tokens: int,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    no_repeat_ngram_size: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    config: GenerationConfig,
+    n_new: int,
+    eos: tuple[int, ...] = (),
     attention_mask: torch.Tensor | None = None,
-    num_return_sequences: int = 1,
+    stop: StopStrings | None = None,
 ) -> torch.Tensor:
     """Beam search after input_ids [B, T] -> [B * num_return_sequences, T + n], best first per prompt.
 
-    eos_token_id defaults to the model's (pass [] for none); pad_token_id (default: the first EOS id,
-    else 0) pads hypotheses shorter than the longest returned one. Left-padded batches pass
+    config: num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences;
+    its penalties apply to the log-probs (as HF applies its processors), and temperature > 0 samples
+    the candidates (HF's beam sampling) from a generator seeded with config.seed. n_new: tokens to
+    generate (see `context_budget`). A candidate ending in an EOS id or completing a stop string
+    (`stop`) is a finished hypothesis. Hypotheses shorter than the longest returned one are padded
+    with config.pad_token_id (default: the first EOS id, else 0). Left-padded batches pass
     attention_mask [B, T]. See the module docstring for scoring and stopping.
     """
-    _check_options(num_beams, max_new_tokens, num_return_sequences, early_stopping, no_repeat_ngram_size)
-    cfg = model.config
+    config.check_supported("beam")
+    num_beams = config.num_beams
     B, T = input_ids.shape
     device = input_ids.device
-    limit = cfg.context_limit
-    if T == 0:
-        raise ValueError("the prompt is empty; give at least one token (e.g. the BOS token)")
-    if limit is not None and limit <= T:
-        raise ValueError(f"prompt of {T} tokens leaves no room in the model's context of {limit}; shorten it")
-    if eos_token_id is None:
-        eos_token_id = cfg.eos_token_id
-    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    n_new = max_new_tokens if limit is None else min(max_new_tokens, limit - T)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    processors, generator = sampling_setup(config, T, device)
     L = T + n_new
-    K = max(2, 1 + len(eos_ids)) * num_beams  # candidates per step: enough to leave num_beams unfinished
+    K = max(2, 1 + len(eos)) * num_beams  # candidates per step: enough to leave num_beams unfinished
     neg_inf = float("-inf")
 
     # Running beams: tokens (B, nb, L), cumulative log-probs (B, nb). Only beam 0 starts "alive", so
@@ -130,17 +113,28 @@ def beam_search(
 
     for step in range(n_new):
         cur = T + step  # tokens so far
+        seqs = running[:, :, :cur].flatten(0, 1)  # (B * nb, cur)
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B * nb, V)
-        if no_repeat_ngram_size:
-            log_probs = ban_repeated_ngrams(log_probs, running[:, :, :cur].flatten(0, 1), no_repeat_ngram_size)
+        if config.no_repeat_ngram_size:
+            log_probs = ban_repeated_ngrams(log_probs, seqs, config.no_repeat_ngram_size)
+        for proc in processors:
+            log_probs = proc(log_probs, seqs)
         V = log_probs.shape[-1]
         scores = (log_probs.view(B, num_beams, V) + running_scores[:, :, None]).view(B, num_beams * V)
-        cand_scores, cand_idx = scores.topk(K, dim=-1)  # (B, K), best first
+        if config.greedy:
+            cand_scores, cand_idx = scores.topk(K, dim=-1)  # (B, K), best first
+        else:  # beam sampling: draw the candidates, then rank them by score
+            cand_idx = torch.multinomial(scores.softmax(dim=-1), K, generator=generator)
+            cand_scores, order = scores.gather(1, cand_idx).sort(dim=-1, descending=True)
+            cand_idx = cand_idx.gather(1, order)
         cand_beam, cand_token = cand_idx // V, cand_idx % V
         cand = running.gather(1, cand_beam[:, :, None].expand(B, K, L)).clone()  # (B, K, L)
         cand[:, :, cur] = cand_token
         last_step = step == n_new - 1
-        ends = torch.ones_like(cand_token, dtype=torch.bool) if last_step else torch.isin(cand_token, eos)
+        ends = torch.ones_like(cand_token, dtype=torch.bool) if last_step else torch.isin(cand_token, eos_t)
+        if stop is not None and not last_step:
+            check = (~ends & ~done[:, None]).flatten()
+            ends = ends | stop.hits(cand[:, :, T : cur + 1].flatten(0, 1), check).view(B, K)
 
         # The best num_beams candidates that did not end keep running.
         keep = cand_scores.masked_fill(ends, neg_inf).topk(num_beams, dim=-1).indices  # (B, nb)
@@ -149,7 +143,7 @@ def beam_search(
 
         # Candidates that ended within the top num_beams join the finished set if they beat it.
         new = ends & top_beams & ~done[:, None]
-        new_scores = (cand_scores / (step + 1) ** length_penalty).masked_fill(~new, neg_inf)
+        new_scores = (cand_scores / (step + 1) ** config.length_penalty).masked_fill(~new, neg_inf)
         merged_scores = torch.cat((finished_scores, new_scores), dim=1)
         best = merged_scores.topk(num_beams, dim=-1).indices
         finished_scores = merged_scores.gather(1, best)
@@ -161,9 +155,9 @@ def beam_search(
             break
         # Can a running beam still beat the worst finished hypothesis? (HF's heuristic, see docstring)
         full = finished_scores[:, -1] > neg_inf
-        length = n_new if early_stopping == "never" and length_penalty > 0 else step + 1
-        hopeless = full & (running_scores[:, 0] / length**length_penalty <= finished_scores[:, -1])
-        done |= hopeless | (full & (early_stopping is True))
+        length = n_new if config.early_stopping == "never" and config.length_penalty > 0 else step + 1
+        hopeless = full & (running_scores[:, 0] / length**config.length_penalty <= finished_scores[:, -1])
+        done |= hopeless | (full & (config.early_stopping is True))
         if bool(done.all()):
             break
         cache.reorder((batch_offset + cand_beam.gather(1, keep)).flatten())
@@ -171,5 +165,6 @@ def beam_search(
             attention_mask = torch.cat((attention_mask, attention_mask.new_ones(B * num_beams, 1)), dim=1)
         logits = decode_one_token(model, running[:, :, cur].flatten(), cache, attention_mask)
 
-    best_len = int(finished_len[:, :num_return_sequences].max())
-    return finished[:, :num_return_sequences, : T + best_len].flatten(0, 1)
+    n_ret = config.num_return_sequences
+    best_len = int(finished_len[:, :n_ret].max())
+    return finished[:, :n_ret, : T + best_len].flatten(0, 1)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 
 from qkv.cache import KVCache
-from qkv.generation.decode import prefill
-from qkv.models.decoder import DecoderLM
+from qkv.generation.decode import context_budget, prefill, resolve_eos
+from qkv.generation.options import GenerationConfig
 
 
 @dataclass
@@ -46,20 +46,6 @@ def full_length_cache(model: torch.nn.Module, max_len: int) -> KVCache:
     return KVCache(cfg, 1, max_len, model.dtype, model.device)
 
 
-def early_exit_draft(model: DecoderLM, n_layers: int) -> DecoderLM:
-    """A draft made of the model's first `n_layers` blocks plus its embeddings, final norm and LM
-    head, sharing their weights (self-speculative decoding: Zhang et al. 2023, Draft & Verify;
-    Elhoushi et al. 2024, LayerSkip)."""
-    if not 1 <= n_layers <= model.config.n_layers:
-        raise ValueError(f"n_layers={n_layers} must be between 1 and the model's {model.config.n_layers} layers")
-    with torch.device("meta"):  # every part is replaced by the model's own below
-        draft = DecoderLM(dataclasses.replace(model.config, n_layers=n_layers))
-    draft.embed, draft.rope, draft.norm, draft.lm_head = model.embed, model.rope, model.norm, model.lm_head
-    draft.blocks = nn.ModuleList(model.blocks[:n_layers])
-    draft.reset_buffers(model.device)
-    return draft.train(model.training)
-
-
 def _argmax_after(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, keep: int = 1) -> torch.Tensor:
     """Feed tokens [1, n] at the cache's next slots; return the argmax after each of the last `keep`: [keep]."""
     return model(tokens, cache=cache, logits_to_keep=keep).logits[0].argmax(-1)
@@ -70,20 +56,23 @@ def speculative_generate(
     target: torch.nn.Module,
     draft: torch.nn.Module,
     input_ids: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    *,
+    config: GenerationConfig | None = None,
     num_draft_tokens: int = 4,
-    eos_token_id: int | list[int] | None = None,
+    **options: Any,
 ) -> tuple[torch.Tensor, SpeculativeStats]:
     """Target's greedy continuation of input_ids [1, T], sped up by a draft -> ([1, T + n], stats).
 
-    The tokens equal `generate(target, input_ids, max_new_tokens, eos_token_id=...)` (greedy): the
-    draft only changes how many target forwards they cost. Both models must share a vocabulary.
-    eos_token_id defaults to the target's (pass [] for none); generation stops after an EOS.
+    The tokens equal `generate(target, input_ids, ...)` (greedy): the draft only changes how
+    many target forwards they cost. Both models must share a vocabulary. The options (a
+    `GenerationConfig` and/or keywords) may set only max_new_tokens and the EOS/pad ids (EOS
+    default: the target's; [] for none); anything else is refused.
     """
+    config = GenerationConfig.build(config, max_new_tokens=max_new_tokens, **options)
+    config.check_supported("speculative")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be one non-empty prompt of shape [1, T], got {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens={num_draft_tokens!r} must be an integer >= 1")
     if draft.config.vocab_size != target.config.vocab_size:
@@ -93,13 +82,8 @@ def speculative_generate(
         )
     T = input_ids.shape[1]
     limits = [lim for lim in (target.config.context_limit, draft.config.context_limit) if lim is not None]
-    limit = min(limits, default=None)
-    if limit is not None and limit <= T:
-        raise ValueError(f"prompt of {T} tokens leaves no room in the models' context of {limit}; shorten it")
-    n_new = max_new_tokens if limit is None else min(max_new_tokens, limit - T)
-    if eos_token_id is None:
-        eos_token_id = target.config.eos_token_id
-    eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    n_new = context_budget(min(limits, default=None), T, config.max_new_tokens)
+    eos = set(resolve_eos(config, target))
 
     stats = SpeculativeStats()
     target_cache, draft_cache = full_length_cache(target, T + n_new), full_length_cache(draft, T + n_new)

@@ -16,13 +16,11 @@ from typing import Any
 import regex
 import torch
 
-from qkv.generation.decode import (
-    check_options,
-    context_budget,
-    decode_steps,
-    eos_tensor,
-    sampling_setup,
-)
+from qkv.errors import GenerationOptionError, UsageError
+from qkv.generation.beam import beam_search
+from qkv.generation.decode import context_budget, decode_steps, resolve_eos
+from qkv.generation.options import GenerationConfig
+from qkv.generation.stopping import StopStrings, find_stop
 
 _GRAPHEME = regex.compile(r"\X")
 
@@ -59,12 +57,11 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special)
         if self.stop:
             longest = max(len(s) for s in self.stop)
-            start = max(0, self.emitted - longest + 1)
-            hits = sorted((i, s) for s in self.stop if (i := text.find(s, start)) >= 0)
-            if hits:
+            hit = find_stop(text, self.stop, max(0, self.emitted - longest + 1))
+            if hit is not None:
                 self.stopped = True
-                self.stop_hit = hits[0][1]
-                self.text = text[: max(hits[0][0], self.emitted)]
+                self.stop_hit = hit[1]
+                self.text = text[: max(hit[0], self.emitted)]
                 piece, self.emitted = self.text[self.emitted :], len(self.text)
                 return piece
         self.text = text
@@ -140,69 +137,69 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int], add_special_token
         list(prompt) if not isinstance(prompt, str) else tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     )
     if not ids:
-        raise ValueError("the prompt is empty and the tokenizer adds no BOS token; give a non-empty prompt")
+        raise UsageError("the prompt is empty and the tokenizer adds no BOS token; give a non-empty prompt")
     return ids
+
+
+def _prepare(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None,
+    add_special_tokens: bool,
+    options: dict[str, Any],
+) -> tuple[GenerationConfig, list[int], int, tuple[int, ...]]:
+    """(config, prompt ids, tokens to generate, EOS ids) for one text completion."""
+    config = GenerationConfig.build(config, **options)
+    if config.num_return_sequences > 1:
+        raise GenerationOptionError(
+            f"num_return_sequences={config.num_return_sequences}: a completion is one text; "
+            "call generate() for several sequences"
+        )
+    ids = encode_prompt(tokenizer, prompt, add_special_tokens)
+    n_new = context_budget(model.config.context_limit, len(ids), config.max_new_tokens)
+    return config, ids, n_new, resolve_eos(config, model, tokenizer)
 
 
 def stream_completion(
     model: torch.nn.Module,
     tokenizer: Any,
     prompt: str | Sequence[int],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    typical_p: float | None = None,
-    repetition_penalty: float | None = None,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
-    seed: int | None = None,
-    stop: Sequence[str] | str | None = None,
-    eos_token_id: int | list[int] | None = None,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
+    config: GenerationConfig | None = None,
+    *,
     add_special_tokens: bool = True,
     compile: bool = False,
+    **options: Any,
 ) -> Iterator[str | Completion]:
     """Yield text pieces as they become safe to show, then, last, the `Completion`.
 
-    Stopping the iteration early is allowed and frees everything (the cache lives in the loop).
+    Options as `qkv.generation.generate` (a `GenerationConfig` and/or keywords). Beam search
+    knows its text only at the end, so it cannot stream: use `complete`. Stopping the iteration
+    early is allowed and frees everything (the cache lives in the loop).
     """
-    check_options(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, typical_p=typical_p)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    ids = encode_prompt(tokenizer, prompt, add_special_tokens)
-    n_new = context_budget(model, len(ids), max_new_tokens)
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = model.config.eos_token_id
-    eos = eos_tensor(eos_token_id, model.device)
-    processors, generator, greedy = sampling_setup(
-        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, frequency_penalty, presence_penalty, seed,
-        len(ids), model.device,
-    )  # fmt: skip
+    config, ids, n_new, eos = _prepare(model, tokenizer, prompt, config, add_special_tokens, options)
+    if config.num_beams > 1:
+        raise GenerationOptionError(
+            "beam search (num_beams > 1) finds its text only at the end and cannot stream; call complete()"
+        )
     input_ids = torch.tensor([ids], device=model.device)
-    text = TextStream(tokenizer, stop)
+    text = TextStream(tokenizer, config.stop)
     out_ids: list[int] = []
-    records: list[dict[str, Any]] | None = [] if (logprobs or top_logprobs) else None
-    finish, stopped_by = "length" if n_new == max_new_tokens else "context", None
+    records: list[dict[str, Any]] | None = [] if config.wants_logprobs else None
+    finish, stopped_by = "length" if n_new == config.max_new_tokens else "context", None
     start = time.perf_counter()
     first = None
-    steps = decode_steps(
-        model, input_ids, n_new, processors, greedy, generator, eos, 0, None, top_logprobs, bool(logprobs), compile
-    )
-    for step in steps:
+    for step in decode_steps(model, input_ids, config, n_new, eos, compile=compile):
         if first is None:
             first = time.perf_counter()
         token = int(step.tokens[0])
-        if bool(step.finished[0]):
+        if bool(step.eos[0]):
             finish, stopped_by = "stop", tokenizer.decode([token]) if hasattr(tokenizer, "decode") else str(token)
             break
         out_ids.append(token)
         if records is not None:
             record = {"id": token, "token": tokenizer.decode([token]), "logprob": float(step.logprobs[0])}
-            if top_logprobs:
+            if config.top_logprobs:
                 record["top"] = [
                     {"id": int(i), "token": tokenizer.decode([int(i)]), "logprob": float(lp)}
                     for i, lp in zip(step.top_ids[0], step.top_logprobs[0])
@@ -230,16 +227,70 @@ def stream_completion(
     )
 
 
-def complete(model: torch.nn.Module, tokenizer: Any, prompt: str | Sequence[int], **options: Any) -> Completion:
-    """Generate a completion for one prompt (options as `stream_completion`)."""
+def trim_at_eos(tokens: Sequence[int], eos: Sequence[int]) -> tuple[list[int], int | None]:
+    """(tokens before the first EOS id, that EOS id or None): a finished row's text ends there."""
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return list(tokens[:i]), token
+    return list(tokens), None
+
+
+def _beam_completion(
+    model: torch.nn.Module, tokenizer: Any, config: GenerationConfig, ids: list[int], n_new: int, eos: tuple[int, ...]
+) -> Completion:
+    """The best beam-search hypothesis as a `Completion` (cut at its EOS or stop string)."""
+    start = time.perf_counter()
+    stop = StopStrings(tokenizer, config.stop) if config.stop else None
+    out = beam_search(model, torch.tensor([ids], device=model.device), config, n_new, eos, stop=stop)
+    end = time.perf_counter()
+    tokens, eos_hit = trim_at_eos(out[0, len(ids) :].tolist(), eos)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    hit = find_stop(text, config.stop) if config.stop else None
+    if eos_hit is not None:
+        finish, stopped_by = "stop", tokenizer.decode([eos_hit])
+    elif hit is not None:
+        finish, stopped_by, text = "stop", hit[1], text[: hit[0]]
+    else:
+        finish, stopped_by = ("length" if n_new == config.max_new_tokens else "context"), None
+    return Completion(
+        text=text, token_ids=tokens, finish_reason=finish, prompt_tokens=len(ids), prefill_seconds=0.0,
+        decode_seconds=end - start, stopped_by=stopped_by, extra={"num_beams": config.num_beams},
+    )  # fmt: skip
+
+
+def complete(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    *,
+    add_special_tokens: bool = True,
+    compile: bool = False,
+    **options: Any,
+) -> Completion:
+    """Generate a completion for one prompt (options as `stream_completion`; beam search too)."""
+    resolved = GenerationConfig.build(config, **options)
+    if resolved.num_beams > 1:
+        if compile:
+            raise GenerationOptionError("compile=True applies to greedy and sampled decoding, not to beam search")
+        resolved, ids, n_new, eos = _prepare(model, tokenizer, prompt, resolved, add_special_tokens, {})
+        return _beam_completion(model, tokenizer, resolved, ids, n_new, eos)
     result = None
-    for item in stream_completion(model, tokenizer, prompt, **options):
+    for item in stream_completion(
+        model, tokenizer, prompt, resolved, add_special_tokens=add_special_tokens, compile=compile
+    ):  # fmt: skip
         result = item
     return result
 
 
-def stream(model: torch.nn.Module, tokenizer: Any, prompt: str | Sequence[int], **options: Any) -> Iterator[str]:
+def stream(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    **options: Any,
+) -> Iterator[str]:
     """Yield the completion's text pieces as they are decoded (options as `stream_completion`)."""
-    for item in stream_completion(model, tokenizer, prompt, **options):
+    for item in stream_completion(model, tokenizer, prompt, config, **options):
         if isinstance(item, str):
             yield item

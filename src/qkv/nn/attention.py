@@ -105,7 +105,17 @@ class AttentionInputs:
     masks: dict[str, AttentionMask] = field(default_factory=dict)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [B, T, 1, rotary_dim]
     cache: KVCache | None = None
+    input_pos: torch.Tensor | None = None  # [T] slots a static cache writes (see KVCache.slots)
     need_weights: bool = False
+
+    def mask(self, kind: str) -> AttentionMask:
+        """The mask for layers of `kind` ("full", "sliding", "cross"); an error when none was built."""
+        if kind not in self.masks:
+            raise ValueError(
+                f"no attention mask of kind {kind!r} was built for this forward (have: {sorted(self.masks)}); "
+                "the model must build one mask per layer kind, AttentionMask(None) for 'no mask'"
+            )
+        return self.masks[kind]
 
 
 class Attention(nn.Module):
@@ -164,8 +174,8 @@ class Attention(nn.Module):
                 q, k, v = qkv.split((H, KV, KV), dim=2)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
-        mask = inputs.masks.get("cross" if self.cross else self.kind)
+                k, v = cache.update(self.layer_idx, k, v, inputs.input_pos)  # (B, KV, S, hd)
+        mask = inputs.mask("cross" if self.cross else self.kind)
         out, weights = scaled_dot_product_attention(
             q, k, v, mask, scale=self.scale, dropout_p=self.attn_dropout if self.training else 0.0,
             backend=self.backend, need_weights=inputs.need_weights,

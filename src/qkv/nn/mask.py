@@ -34,6 +34,7 @@ def build_attention_mask(
     window: int | None = None,
     position_bias: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    static: bool = False,
 ) -> AttentionMask:
     """Combine causal, padding, sliding-window masks and a position bias into one `AttentionMask`.
 
@@ -41,22 +42,28 @@ def build_attention_mask(
     attention_mask: [B, L] of 1 (attend) / 0 (padding) over absolute slots, L > max(k_slots).
     window: a query at slot i sees keys j with i - window < j <= i (HF/Mistral convention).
     position_bias: additive [B|1, H, T, S] (ALiBi, T5 relative buckets).
+    static: always build the dense bias, reading no tensor values to choose a shortcut, so the
+    result has the same shape at every decode step (the compiled, static-cache path).
     """
     T, S = q_slots.numel(), k_slots.numel()
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    needs_window = window is not None and bool((q_slots.max() - k_slots.clamp(min=0).min()) >= window)
-    empty_slots = bool((k_slots < 0).any())
-    if not padded and not needs_window and not empty_slots and position_bias is None:
+    if static:
+        padded = attention_mask is not None
+        needs_window = window is not None
+    else:
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        needs_window = window is not None and bool((q_slots.max() - k_slots.clamp(min=0).min()) >= window)
+    empty_slots = not static and bool((k_slots < 0).any())
+    if not static and not padded and not needs_window and not empty_slots and position_bias is None:
         if not causal:
             return AttentionMask(None)
         if T == S and torch.equal(q_slots, k_slots):
             return AttentionMask(None, is_causal=True)
         if bool((k_slots <= q_slots.min()).all()):
             return AttentionMask(None)  # e.g. one new token after a cache: it sees everything
-    allowed = (k_slots >= 0)[None, :].expand(T, S)
+    allowed = (k_slots >= 0)[None, :].expand(T, S)  # -1 marks an empty ring slot
     if causal:
         allowed = allowed & (k_slots[None, :] <= q_slots[:, None])
-    if window is not None:
+    if needs_window:
         allowed = allowed & (q_slots[:, None] - k_slots[None, :] < window)
     allowed = allowed[None, None]  # (1, 1, T, S)
     if padded:

@@ -1,0 +1,171 @@
+"""`TransformerStack`: embeddings -> blocks -> final norm, the loop every family shares.
+
+The per-forward work that all layers share is done once here: position ids, the attention masks
+(one place builds them: `qkv.nn.mask.build_attention_mask`), the RoPE tables and the ALiBi bias.
+The same code serves a prompt, a cached decode step and the static-shape (compiled) decode step;
+the only difference is where the key slots come from (`KVCache.slots`). A family is this stack
+plus a few lines of head code (`DecoderLM` adds the LM head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkv.cache import KVCache
+from qkv.config import ModelConfig
+from qkv.nn.attention import AttentionInputs
+from qkv.nn.block import Block
+from qkv.nn.embedding import Embeddings
+from qkv.nn.mask import alibi_bias, build_attention_mask
+from qkv.nn.norm import make_norm
+from qkv.nn.position import RotaryEmbedding, alibi_slopes
+
+
+def check_input_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
+    """Raise a clear ValueError for ids a model cannot embed (wrong rank/dtype, negative, >= vocab)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+        raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+        bad = int(input_ids.max()) if int(input_ids.max()) >= cfg.vocab_size else int(input_ids.min())
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+            "was the text encoded with this model's tokenizer?"
+        )
+
+
+@dataclass
+class StackOutput:
+    """The final hidden states [B, T, D] and, on request, every layer's input and attention weights."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
+    attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
+
+
+class TransformerStack(nn.Module):
+    """Embeddings, `n_layers` blocks and the final norm (pre-norm models), causal or bidirectional."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.config = cfg
+        self.causal = causal
+        self.embed = Embeddings(cfg)
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
+        if cfg.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+
+    @staticmethod
+    def init_weights(module: nn.Module) -> None:
+        """GPT-2's initialisation: N(0, 0.02) weights, zero biases."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (e.g. after building on the meta device)."""
+        if self.config.position == "alibi":
+            self.alibi_slopes = alibi_slopes(self.config.n_heads).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """An empty KV cache for this model (default length: the model's context).
+
+        static=True keeps every slot and is written at explicit positions (`input_pos`), so a
+        decode step has the same shapes every time (for `torch.compile`).
+        """
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_seq_len, self.dtype, self.device, static=static
+        )
+
+    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None) -> None:
+        cfg = self.config
+        check_input_ids(input_ids, cfg)
+        if cache is not None and cache.static:
+            return  # written at explicit slots; the cache's size bounds them
+        past = cache.pos if cache is not None else 0
+        B, T = input_ids.shape
+        if cfg.context_limit is not None and past + T > cfg.context_limit:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context of {cfg.max_seq_len} "
+                "(max_seq_len); shorten the prompt or generate fewer tokens"
+            )
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(
+                f"attention_mask must have shape [batch, past + seq_len] = {(B, past + T)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> StackOutput:
+        """Run the stack over input_ids [B, T].
+
+        attention_mask: [B, past + T] of 1/0 (0 = padding); position_ids: [B, T] (default: the
+        query slots); cache: a `KVCache`, advanced in place; input_pos: [T] slots to write in a
+        static cache. Inside a compiled graph the checks that read tensor values are skipped
+        (they would break the graph); the eager prefill before it has checked the prompt.
+        """
+        if not torch.compiler.is_compiling():
+            self._check(input_ids, attention_mask, cache)
+        B, T = input_ids.shape
+        static = cache is not None and cache.static
+        q_slots, k_slots = (
+            cache.slots(T, input_pos) if cache is not None else (torch.arange(T, device=input_ids.device),) * 2
+        )
+        if position_ids is None:
+            position_ids = q_slots.expand(B, T)
+        x = self.embed(input_ids, position_ids)
+        inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
+        cfg = self.config
+        position_bias = alibi_bias(self.alibi_slopes, q_slots, k_slots) if cfg.position == "alibi" else None
+        # One mask for all layers; every layer of a stack shares the same window.
+        inputs.masks["sliding" if cfg.sliding_window else "full"] = build_attention_mask(
+            q_slots, k_slots, causal=self.causal, attention_mask=attention_mask, window=cfg.sliding_window,
+            position_bias=position_bias, dtype=x.dtype, static=static,
+        )  # fmt: skip
+        if self.rope is not None:
+            cos, sin = self.rope(position_ids, x.dtype)  # (B, 1, T, rot)
+            inputs.rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # token-major, as attention applies it
+
+        hidden_states: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        for block in self.blocks:
+            if output_hidden_states:
+                hidden_states.append(x)
+            x, weights, _ = block(x, inputs)
+            if output_attentions:
+                attentions.append(weights)
+        if cache is not None and not static:
+            cache.advance(T)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return StackOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )

@@ -147,3 +147,8 @@ def test_replace_rederives_fields_that_were_derived():
     assert (wider.n_kv_heads, wider.head_dim) == (8, 8)  # not GQA 8/4 with 8*16 != d_model
     assert cfg.replace(d_model=128).d_ff == 512
     assert cfg.replace(n_heads=8) == ModelConfig.from_name("tiny-gpt2", n_heads=8)
+
+
+def test_t5_positions_are_refused_until_the_relative_bias_exists():
+    with pytest.raises(ValueError, match="position='t5'.*not implemented yet.*no position signal"):
+        ModelConfig(position="t5")

@@ -127,7 +127,7 @@ BAD = {
     "beams cannot stream": (["--num-beams", "2", "--stream"], "--stream"),
     "beams report no logprobs": (["--num-beams", "2", "--logprobs", "2"], "logprobs"),
     "beams are not compiled": (["--num-beams", "2", "--compile"], "--compile"),
-    "length penalty without beams": (["--length-penalty", "2"], "--length-penalty"),
+    "length penalty without beams": (["--length-penalty", "2"], "length_penalty only apply to beam search"),
     "repetition penalty 0": (["--repetition-penalty", "0"], "--repetition-penalty"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -35,14 +36,15 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="decode through a compiled static step (~30 s to compile)")
 
 
-def generation_config(args: argparse.Namespace, **more) -> GenerationConfig:
-    """The one `GenerationConfig` that the decoding flags describe (`more`: flags of one subcommand)."""
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, seed=args.seed,
-        stop=tuple(args.stop), **more,
-    )  # fmt: skip
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The one `GenerationConfig` that the decoding flags describe: each flag's destination is the
+    field's own name, so no option list is written out here."""
+    fields = {f.name for f in dataclasses.fields(GenerationConfig)} & set(vars(args))
+    options = {name: getattr(args, name) for name in fields}
+    options["stop"] = tuple(options.get("stop", ()))
+    if options.get("top_logprobs"):
+        options["logprobs"] = True
+    return GenerationConfig(**options)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--logprobs", type=non_negative_int, default=0, metavar="N", help="report top-N log-probs")
+    p.add_argument(
+        "--logprobs", dest="top_logprobs", type=non_negative_int, default=0, metavar="N", help="report top-N log-probs"
+    )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print text as it is generated")
     out.add_argument("--json", action="store_true", help="print text, ids, finish reason and timings as JSON")
@@ -92,10 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from qkv.load import load
 
     prompt = read_prompt(args)
-    beams = {"num_beams": args.num_beams, "length_penalty": args.length_penalty} if args.num_beams > 1 else {}
-    if args.length_penalty != 1.0 and not beams:
-        raise UsageError("--length-penalty applies to beam search; add --num-beams N (N > 1)")
-    config = generation_config(args, logprobs=bool(args.logprobs), top_logprobs=args.logprobs, **beams)
+    config = generation_config(args)
+    beams = config.num_beams > 1
     if beams and args.stream:
         raise UsageError("--stream cannot be used with --num-beams: beam search knows its text only at the end")
     if beams and args.compile:

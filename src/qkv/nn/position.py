@@ -1,7 +1,9 @@
 """Position information: sinusoidal tables, rotary embeddings (with scaling) and ALiBi slopes.
 
-Learned absolute positions are a plain `nn.Embedding` owned by the model; T5's relative bias
-lives with the attention bias code of the encoder-decoder family.
+Learned absolute positions are a plain `nn.Embedding` in `qkv.nn.embedding.Embeddings`, which also
+adds the sinusoidal table; RoPE rotates queries and keys inside attention; ALiBi's slopes become an
+additive bias in `qkv.nn.mask.alibi_bias`. T5's relative buckets do not exist yet, so
+`ModelConfig` refuses position='t5'.
 """
 
 from __future__ import annotations
@@ -149,7 +151,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` features of x [B, H, T, hd]; the rest pass through."""
+    """Rotate the first `rot = cos.shape[-1]` features of each head; the rest pass through.
+
+    x: [..., hd] with cos/sin broadcastable to x[..., :rot]. Attention calls it token-major:
+    x [B, T, H, hd] (query and key heads together) with cos/sin [B, T, 1, rot].
+    """
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin

@@ -79,7 +79,9 @@ def test_attention_weights_come_back_when_asked():
     x, context = torch.randn(B, T, D), torch.randn(B, S, D)
     inp = inputs()
     inp.need_weights = True
-    _, self_weights, cross_weights = block(x, inp, context, AttentionInputs(masks={"cross": AttentionMask(None)}, need_weights=True))
+    _, self_weights, cross_weights = block(
+        x, inp, context, AttentionInputs(masks={"cross": AttentionMask(None)}, need_weights=True)
+    )
     assert self_weights.shape == (B, 4, T, T) and cross_weights.shape == (B, 4, T, S)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qkv.config import MLPS, NORMS, POSITIONS, ModelConfig
-from qkv.models.decoder import DecoderLM
+from qkv.models import build_model
 from qkv.presets import PRESETS
 
 # Published sizes (HF model cards / papers), counting tied embeddings once.
@@ -24,6 +24,10 @@ PUBLISHED_PARAMETERS = {
     "llama-3.1-8b": 8_030_261_248,
     "mistral-7b": 7_241_732_096,
     "smollm2-135m": 134_515_008,
+    "bert-base": 109_482_240,  # BertModel, pooler included
+    "roberta-base": 124_645_632,  # RobertaModel, pooler included
+    "electra-small": 13_549_057,  # ElectraForPreTraining (discriminator)
+    "all-minilm-l6-v2": 22_713_216,  # BertModel, pooler included
 }
 
 
@@ -32,7 +36,7 @@ def test_every_preset_builds(name):
     cfg = ModelConfig.from_name(name)
     assert cfg.n_heads % cfg.n_kv_heads == 0 and cfg.head_dim * cfg.n_heads > 0
     with torch.device("meta"):  # shapes only: full-size presets allocate nothing
-        model = DecoderLM(cfg)
+        model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     if name in PUBLISHED_PARAMETERS:
         assert n_params == PUBLISHED_PARAMETERS[name]

@@ -19,6 +19,10 @@ MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")  # "t5" comes with its relative bias
 ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
 ATTN_BACKENDS = ("sdpa", "eager")
+# What sits on top of the stack: decoders have an LM head; encoders one of the others.
+HEADS = {"decoder": ("lm",), "encoder": ("none", "mlm", "classification", "token_classification", "rtd")}
+# Sequence classification on the first token: BERT's pooler, or a dense layer + activation (RoBERTa, ELECTRA).
+CLASSIFIERS = ("pooler", "dense_tanh", "dense_gelu")
 
 # Keys each RoPE scaling type needs beyond `factor` (HF `rope_scaling` / `rope_parameters` names).
 ROPE_SCALING_KEYS = {
@@ -77,6 +81,14 @@ class ModelConfig:
     # Embeddings
     type_vocab_size: int = 0  # BERT token types
     embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    embedding_size: int | None = None  # None -> d_model; ELECTRA projects smaller embeddings up to d_model
+    position_offset: int = 0  # learned position ids start here (RoBERTa: pad_token_id + 1)
+    positions_skip_padding: bool = False  # RoBERTa: count only non-pad tokens; padding sits at offset - 1
+    # Heads (encoders; decoders always have the LM head)
+    head: str | None = None  # None -> the family's default: "lm" (decoder), "none" (encoder)
+    pooler: bool = False  # dense + tanh on the first token -> pooler_output (BERT)
+    classifier: str = "pooler"  # how `head="classification"` reads the first token, see CLASSIFIERS
+    num_labels: int = 2  # classification heads; 1 means regression (MSE), as in HF
     # Special tokens (defaults for generation; tokenizers carry their own)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -150,9 +162,30 @@ class ModelConfig:
                     f"ModelConfig.{name}={value!r} lies outside the vocabulary [0, {self.vocab_size}); "
                     "set it to None or to a valid id"
                 )
+        self._check_heads()
+        if self.embedding_size is None:
+            set_(self, "embedding_size", self.d_model)
+        _positive("embedding_size", self.embedding_size)
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ValueError(f"ModelConfig.position_offset={self.position_offset!r} must be an integer >= 0")
+        if self.positions_skip_padding and (self.pad_token_id is None or self.position_offset < 1):
+            raise ValueError(
+                "ModelConfig.positions_skip_padding needs pad_token_id and position_offset >= 1 "
+                "(padding sits at position_offset - 1, as RoBERTa's padding_idx)"
+            )
         if self.family == "vit":
             for name in ("image_size", "patch_size"):
                 _positive(name, getattr(self, name))
+
+    def _check_heads(self) -> None:
+        allowed = HEADS.get(self.family, ("none",))
+        if self.head is None:
+            object.__setattr__(self, "head", allowed[0])
+        _choice("head", self.head, allowed)
+        _choice("classifier", self.classifier, CLASSIFIERS)
+        _positive("num_labels", self.num_labels)
+        if self.classifier == "pooler" and self.head == "classification" and not self.pooler:
+            raise ValueError("ModelConfig.classifier='pooler' needs pooler=True (BERT's pooled first token)")
 
     def _check_rope_scaling(self) -> None:
         scaling = dict(self.rope_scaling)
@@ -222,11 +255,17 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again).
 
-        Fields that `__post_init__` derived (head_dim, n_kv_heads, d_ff, n_decoder_layers) are
-        derived again from the new values unless they were set explicitly.
+        Fields that `__post_init__` derived (head_dim, n_kv_heads, d_ff, n_decoder_layers,
+        embedding_size, head) are derived again from the new values unless they were set explicitly.
         """
         data = self.to_dict()
-        derived = {"n_kv_heads": self.n_heads, "d_ff": 4 * self.d_model, "n_decoder_layers": self.n_layers}
+        derived = {
+            "n_kv_heads": self.n_heads,
+            "d_ff": 4 * self.d_model,
+            "n_decoder_layers": self.n_layers,
+            "embedding_size": self.d_model,
+            "head": HEADS.get(self.family, ("none",))[0],
+        }
         if self.d_model % self.n_heads == 0:
             derived["head_dim"] = self.d_model // self.n_heads
         for name, value in derived.items():

@@ -20,6 +20,12 @@ _LLAMA: dict[str, Any] = dict(
     attn_out_bias=False, mlp_bias=False, tie_embeddings=False,
 )  # fmt: skip
 
+_BERT: dict[str, Any] = dict(
+    family="encoder", norm="layernorm", norm_position="post", norm_eps=1e-12, mlp="gelu", position="learned",
+    qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True, embed_norm=True, type_vocab_size=2,
+    max_seq_len=512, pad_token_id=0,
+)  # fmt: skip
+
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 (Radford et al. 2019)
     "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12},
@@ -105,7 +111,47 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eos_token_id": 2,
         "pad_token_id": 2,
     },
+    # BERT (Devlin et al. 2019): post-norm, learned positions, token types, pooler
+    "bert-base": {**_BERT, "vocab_size": 30522, "d_model": 768, "n_layers": 12, "n_heads": 12, "pooler": True},
+    # RoBERTa (Liu et al. 2019): BERT's layers; positions skip padding and start at pad + 1
+    "roberta-base": {
+        **_BERT,
+        "vocab_size": 50265,
+        "d_model": 768,
+        "n_layers": 12,
+        "n_heads": 12,
+        "norm_eps": 1e-5,
+        "type_vocab_size": 1,
+        "pad_token_id": 1,
+        "position_offset": 2,
+        "positions_skip_padding": True,
+        "pooler": True,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+    },
+    # ELECTRA-small discriminator (Clark et al. 2020): 128-wide embeddings projected to 256
+    "electra-small": {
+        **_BERT,
+        "vocab_size": 30522,
+        "d_model": 256,
+        "n_layers": 12,
+        "n_heads": 4,
+        "d_ff": 1024,
+        "embedding_size": 128,
+        "head": "rtd",
+    },
+    # all-MiniLM-L6-v2 (sentence-transformers): a 6-layer, 384-wide BERT
+    "all-minilm-l6-v2": {
+        **_BERT,
+        "vocab_size": 30522,
+        "d_model": 384,
+        "n_layers": 6,
+        "n_heads": 12,
+        "d_ff": 1536,
+        "pooler": True,
+    },
     # Tiny variants: same layer types, small shapes. For tests and `make demo`.
+    "tiny-bert": {**_BERT, "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
     "tiny-gpt2": {
         **_GPT2,
         "vocab_size": 512,

@@ -1,7 +1,30 @@
 """Model families built from `qkv.nn` parts over one shared `TransformerStack`."""
 
+from torch import nn
+
+from qkv.config import ModelConfig
 from qkv.models.decoder import DecoderLM, early_exit_draft
+from qkv.models.encoder import Encoder
 from qkv.models.output import ModelOutput
 from qkv.models.stack import TransformerStack
 
-__all__ = ["DecoderLM", "ModelOutput", "TransformerStack", "early_exit_draft"]
+# ModelConfig.family -> the class that builds it.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model that `cfg.family` names, randomly initialised (on the current default device)."""
+    if cfg.family not in MODEL_CLASSES:
+        raise ValueError(f"no model class for family {cfg.family!r} yet; built: {', '.join(MODEL_CLASSES)}")
+    return MODEL_CLASSES[cfg.family](cfg)
+
+
+__all__ = [
+    "MODEL_CLASSES",
+    "DecoderLM",
+    "Encoder",
+    "ModelOutput",
+    "TransformerStack",
+    "build_model",
+    "early_exit_draft",
+]

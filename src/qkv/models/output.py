@@ -12,8 +12,9 @@ class ModelOutput:
     """What a forward pass returns; fields a model does not compute stay None."""
 
     last_hidden_state: torch.Tensor  # [B, T, D]
-    logits: torch.Tensor | None = None  # [B, T, V] (LM heads) or [B, C] (classification)
+    logits: torch.Tensor | None = None  # [B, T, V] (LM/MLM), [B, C] (classification), [B, T, C] (tokens), [B, T] (RTD)
     loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
     attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    pooler_output: torch.Tensor | None = None  # [B, D] (encoders with a pooler: BERT)

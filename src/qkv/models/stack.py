@@ -24,12 +24,40 @@ from qkv.nn.norm import make_norm
 from qkv.nn.position import RotaryEmbedding, alibi_slopes
 
 
+def check_token_type_ids(token_type_ids: torch.Tensor, input_ids: torch.Tensor, cfg: ModelConfig) -> None:
+    """token_type_ids must match input_ids and lie in [0, type_vocab_size)."""
+    if not cfg.type_vocab_size:
+        raise ValueError("this model has no token type embeddings (type_vocab_size=0); drop token_type_ids")
+    if token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"token_type_ids must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(token_type_ids.shape)}"
+        )
+    low, high = int(token_type_ids.min()), int(token_type_ids.max())
+    if low < 0 or high >= cfg.type_vocab_size:
+        raise ValueError(
+            f"token type id {high if high >= cfg.type_vocab_size else low} is outside [0, {cfg.type_vocab_size}) "
+            "(type_vocab_size); BERT-style models take 0 for the first segment and 1 for the second"
+        )
+
+
+def padding_skipping_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """Learned position ids that skip padding (RoBERTa): the k-th real token of a row sits at
+    k - 1 and every pad token at -1, so with `position_offset` = pad_id + 1 pads land on padding_idx."""
+    real = input_ids != pad_token_id
+    return (real.cumsum(-1) - 1).masked_fill(~real, -1)
+
+
 def check_input_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
-    """Raise a clear ValueError for ids a model cannot embed (wrong rank/dtype, negative, >= vocab)."""
+    """Raise a clear ValueError for ids a model cannot embed (wrong rank/dtype, empty, negative, >= vocab)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one sequence of one token"
+        )
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
         bad = int(input_ids.max()) if int(input_ids.max()) >= cfg.vocab_size else int(input_ids.min())
         raise ValueError(
@@ -94,9 +122,17 @@ class TransformerStack(nn.Module):
             self.config, batch_size, max_len or self.config.max_seq_len, self.dtype, self.device, static=static
         )
 
-    def _check(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None) -> None:
+    def _check(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        token_type_ids: torch.Tensor | None,
+    ) -> None:
         cfg = self.config
         check_input_ids(input_ids, cfg)
+        if token_type_ids is not None:
+            check_token_type_ids(token_type_ids, input_ids, cfg)
         if cache is not None and cache.static:
             return  # written at explicit slots; the cache's size bounds them
         past = cache.pos if cache is not None else 0
@@ -121,26 +157,30 @@ class TransformerStack(nn.Module):
         input_pos: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        token_type_ids: torch.Tensor | None = None,
     ) -> StackOutput:
         """Run the stack over input_ids [B, T].
 
         attention_mask: [B, past + T] of 1/0 (0 = padding); position_ids: [B, T] (default: the
         query slots); cache: a `KVCache`, advanced in place; input_pos: [T] slots to write in a
-        static cache. Inside a compiled graph the checks that read tensor values are skipped
-        (they would break the graph); the eager prefill before it has checked the prompt.
+        static cache; token_type_ids: [B, T] segment ids (BERT). Inside a compiled graph the checks
+        that read tensor values are skipped (they would break the graph); the eager prefill before it
+        has checked the prompt.
         """
         if not torch.compiler.is_compiling():
-            self._check(input_ids, attention_mask, cache)
+            self._check(input_ids, attention_mask, cache, token_type_ids)
         B, T = input_ids.shape
         static = cache is not None and cache.static
         q_slots, k_slots = (
             cache.slots(T, input_pos) if cache is not None else (torch.arange(T, device=input_ids.device),) * 2
         )
-        if position_ids is None:
-            position_ids = q_slots.expand(B, T)
-        x = self.embed(input_ids, position_ids)
-        inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
         cfg = self.config
+        if position_ids is None and cfg.positions_skip_padding:
+            position_ids = padding_skipping_positions(input_ids, cfg.pad_token_id)
+        elif position_ids is None:
+            position_ids = q_slots.expand(B, T)
+        x = self.embed(input_ids, position_ids, token_type_ids)
+        inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
         position_bias = alibi_bias(self.alibi_slopes, q_slots, k_slots) if cfg.position == "alibi" else None
         # One mask for all layers; every layer of a stack shares the same window.
         inputs.masks["sliding" if cfg.sliding_window else "full"] = build_attention_mask(

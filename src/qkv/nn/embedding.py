@@ -6,35 +6,41 @@ import torch
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.nn.linear import Linear
 from qkv.nn.norm import make_norm
 from qkv.nn.position import sinusoidal_table
 
 
 class Embeddings(nn.Module):
-    """token + position (+ token type) embeddings, then optional LayerNorm (BERT) and dropout.
+    """token + position (+ token type) embeddings, then optional LayerNorm (BERT), dropout, and a
+    projection up to d_model when `embedding_size` is smaller (ELECTRA's `embeddings_project`).
 
     RoPE, ALiBi and T5 positions act inside attention, so for them only tokens are embedded here.
-    `scale` multiplies token embeddings by sqrt(d_model) as in Vaswani et al. 2017 §3.4 when set.
+    Learned position ids are shifted by `position_offset` (RoBERTa keeps the rows below it for
+    padding). `scale` multiplies token embeddings by sqrt(d_model) as in Vaswani et al. 2017 §3.4.
     """
 
     def __init__(self, cfg: ModelConfig, scale: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        dim = cfg.embedding_size
+        self.offset = cfg.position_offset
+        self.tokens = nn.Embedding(cfg.vocab_size, dim)
+        self.positions = nn.Embedding(cfg.max_seq_len + self.offset, dim) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+            self.register_buffer("sinusoid", sinusoidal_table(cfg.max_seq_len, dim), persistent=False)
         else:
             self.sinusoid = None
-        self.token_types = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
-        self.norm = make_norm(cfg) if cfg.embed_norm else None
+        self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg, dim) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.project = Linear(dim, cfg.d_model) if dim != cfg.d_model else None
         self.scale = cfg.d_model**0.5 if scale else 1.0
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute the sinusoid table (e.g. after building on the meta device)."""
         if self.sinusoid is not None:
-            self.sinusoid = sinusoidal_table(self.cfg.max_seq_len, self.cfg.d_model).to(device)
+            self.sinusoid = sinusoidal_table(self.cfg.max_seq_len, self.cfg.embedding_size).to(device)
 
     def forward(
         self,
@@ -42,12 +48,12 @@ class Embeddings(nn.Module):
         position_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, position_ids: [B, T] -> [B, T, D]."""
+        """input_ids, position_ids, token_type_ids: [B, T] -> [B, T, d_model]."""
         x = self.tokens(input_ids)
         if self.scale != 1.0:
             x = x * self.scale
         if self.positions is not None:
-            x = x + self.positions(position_ids)
+            x = x + self.positions(position_ids + self.offset if self.offset else position_ids)
         elif self.sinusoid is not None:
             x = x + self.sinusoid[position_ids].to(x.dtype)
         if self.token_types is not None:
@@ -56,4 +62,5 @@ class Embeddings(nn.Module):
             x = x + self.token_types(token_type_ids)
         if self.norm is not None:
             x = self.norm(x)
-        return self.drop(x)
+        x = self.drop(x)
+        return self.project(x) if self.project is not None else x

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qkv.models.decoder import DecoderLM
-from tiny_models import random_ids, tiny_model
+from tiny_models import left_pad, random_ids, tiny_model
 
 MODELS = {  # name -> (preset, overrides)
     "tiny-gpt2": ("tiny-gpt2", {}),
@@ -61,16 +61,6 @@ def test_cached_chunks_equal_the_full_forward(model, chunks, threads):
         assert max_diff(out, full[:, start : start + n]) <= ATOL, f"chunk at {start}"
         start += n
     assert cache.pos == 60
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
-    mask = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - len(r) :] = r
-        mask[i, L - len(r) :] = 1
-    return ids, mask
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -24,3 +24,14 @@ def random_ids(vocab: int, batch: int, length: int, *, seed: int, low: int = 3) 
     configs; pass `low=0` for the whole vocabulary.
     """
     return torch.randint(low, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths [T_i] as one left-padded batch -> (input_ids [B, T], attention_mask [B, T])."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask

@@ -16,8 +16,14 @@ from torch import nn
 
 from qkv.atomic import atomic_directory, check_replaceable
 from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
-from qkv.checkpoints.hf_config import HF_FAMILIES, config_from_hf, config_to_hf
-from qkv.checkpoints.keymaps import HF_KEYMAPS
+from qkv.checkpoints.hf_config import (
+    HF_FAMILIES,
+    config_from_hf,
+    config_to_hf,
+    hf_encoder_architecture,
+    hf_tensor_prefix,
+)
+from qkv.checkpoints.keymaps import HF_KEYMAPS, KeyRule, encoder_keymap
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
@@ -103,17 +109,27 @@ class _TensorSource:
         return self.files[self.where[name]][name]
 
 
+def hf_keymap(cfg: ModelConfig, model_type: str, architecture: str | None = None) -> tuple[KeyRule, ...]:
+    """The key map between `cfg`'s model and HF tensor names for `model_type` (and, for BERT-family
+    encoders, the `architecture`, which fixes the head and the body's prefix)."""
+    if cfg.family == "encoder":
+        architecture = architecture or hf_encoder_architecture(cfg, model_type)
+        return encoder_keymap(model_type, cfg.head, hf_tensor_prefix(architecture, model_type))
+    return HF_KEYMAPS[model_type]
+
+
 def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a Hugging Face checkpoint directory into the matching qkv model (fp32 unless `dtype`)."""
     path = Path(path)
     raw, cfg = read_hf_config(path)
     source = _TensorSource(path)
+    if cfg.pooler and not any(name.endswith("pooler.dense.weight") for name in source.names()):
+        cfg = cfg.replace(pooler=False)  # e.g. BertModel(add_pooling_layer=False)
     meta = build_on_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     tied = tuple(tied_aliases(meta))
-    state = to_qkv_state_dict(
-        source, source.names(), HF_KEYMAPS[raw["model_type"]], expected, cfg.n_layers, origin=str(path), tied=tied
-    )
+    rules = hf_keymap(cfg, raw["model_type"], cfg.extra.get("hf_architecture"))
+    state = to_qkv_state_dict(source, source.names(), rules, expected, cfg.n_layers, origin=str(path), tied=tied)
     dtype = resolve_dtype(dtype) or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     model = materialize(cfg, state, origin=str(path))
@@ -152,7 +168,8 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     hf = config_to_hf(cfg)
     aliases = tied_aliases(model)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in aliases}
-    tensors = from_qkv_state_dict(state, HF_KEYMAPS[hf["model_type"]], cfg.n_layers, _split_sizes(cfg))
+    rules = hf_keymap(cfg, hf["model_type"], hf["architectures"][0])
+    tensors = from_qkv_state_dict(state, rules, cfg.n_layers, _split_sizes(cfg))
     out = Path(out)
     check_replaceable(out, is_hf_dir, "Hugging Face checkpoint")
     with atomic_directory(out) as tmp:

@@ -76,6 +76,84 @@ HF_FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
+# BERT-family encoders: one field table; RoBERTa and ELECTRA differ as data.
+_BERT_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "d_ff": "intermediate_size",
+    "norm_eps": "layer_norm_eps",
+    "max_seq_len": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "tie_embeddings": "tie_word_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
+_BERT_FIXED = dict(
+    family="encoder", norm="layernorm", norm_position="post", position="learned", qkv_bias=True, attn_out_bias=True,
+    mlp_bias=True, embed_norm=True, tie_embeddings=True, mlp="gelu", norm_eps=1e-12, type_vocab_size=2,
+)  # fmt: skip
+for _model_type, _extra in (
+    ("bert", {}),
+    # RoBERTa: position ids skip padding and start at pad + 1, so the table has pad + 1 extra rows.
+    ("roberta", {"positions_from_padding": True}),
+    ("electra", {"fields": {**_BERT_FIELDS, "embedding_size": "embedding_size"}}),
+):
+    HF_FAMILIES[_model_type] = {
+        "fields": _BERT_FIELDS,
+        "fixed": _BERT_FIXED,
+        "activation": "hidden_act",
+        "unsupported_values": {"position_embedding_type": ("absolute", None)},
+        **_extra,
+    }
+
+# HF `architectures` -> the head on a BERT-family body (heads are chosen by architecture, not by
+# model_type). The bare model's tensors have no prefix; with a head they sit under "<model_type>.".
+HF_ENCODER_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "BertModel": dict(head="none", pooler=True),
+    "BertForMaskedLM": dict(head="mlm"),
+    "BertForSequenceClassification": dict(head="classification", pooler=True, classifier="pooler"),
+    "BertForTokenClassification": dict(head="token_classification"),
+    "RobertaModel": dict(head="none", pooler=True),
+    "RobertaForMaskedLM": dict(head="mlm"),
+    "RobertaForSequenceClassification": dict(head="classification", classifier="dense_tanh"),
+    "RobertaForTokenClassification": dict(head="token_classification"),
+    "ElectraModel": dict(head="none"),
+    "ElectraForPreTraining": dict(head="rtd"),
+    "ElectraForMaskedLM": dict(head="mlm"),
+    "ElectraForSequenceClassification": dict(head="classification", classifier="dense_gelu"),
+    "ElectraForTokenClassification": dict(head="token_classification"),
+}
+
+
+def hf_tensor_prefix(architecture: str, model_type: str) -> str:
+    """Where a BERT-family body's tensors sit: "" for the bare model, "bert." etc. under a head."""
+    return "" if architecture.endswith("Model") else f"{model_type}."
+
+
+def _encoder_values(hf: dict[str, Any], model_type: str, family: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The head, pooler and position fields of a BERT-family config, from `architectures`."""
+    archs = [a for a in hf.get("architectures") or [] if a in HF_ENCODER_ARCHITECTURES]
+    known = [a for a in HF_ENCODER_ARCHITECTURES if a.lower().startswith(model_type)]
+    if hf.get("architectures") and not archs:
+        raise CheckpointError(
+            f"{origin}: architectures {hf['architectures']} are not supported for model_type {model_type!r}; "
+            f"supported: {', '.join(known)}"
+        )
+    arch = archs[0] if archs else known[0]  # no architectures: the bare model
+    values = dict(HF_ENCODER_ARCHITECTURES[arch])
+    labels = hf.get("id2label")
+    values["num_labels"] = len(labels) if isinstance(labels, dict) and labels else int(hf.get("num_labels") or 2)
+    if family.get("positions_from_padding"):
+        pad = hf.get("pad_token_id")
+        if not isinstance(pad, int) or pad < 0:
+            raise CheckpointError(f"{origin}: RoBERTa-style positions need an integer pad_token_id, got {pad!r}")
+        values.update(position_offset=pad + 1, positions_skip_padding=True)
+    return {**values, "extra_architecture": arch}
+
+
 # HF activation names -> qkv `mlp` for plain and gated families.
 _PLAIN_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
@@ -107,10 +185,22 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
     for flag in family.get("unsupported_true", ()):
         if hf.get(flag):
             raise CheckpointError(f"{origin}: {flag}=true is not supported by qkv's {model_type} implementation")
+    for name, allowed in family.get("unsupported_values", {}).items():
+        if hf.get(name) not in allowed:
+            raise CheckpointError(
+                f"{origin}: {name}={hf.get(name)!r} is not supported by qkv's {model_type} implementation "
+                f"(supported: {', '.join(repr(a) for a in allowed if a is not None)})"
+            )
     values: dict[str, Any] = dict(family["fixed"])
     for ours, theirs in family["fields"].items():
         if hf.get(theirs) is not None:
             values[ours] = hf[theirs]
+    architecture = None
+    if values["family"] == "encoder":
+        values.update(_encoder_values(hf, model_type, family, origin))
+        architecture = values.pop("extra_architecture")
+        if values.get("positions_skip_padding") and "max_seq_len" in values:
+            values["max_seq_len"] -= values["position_offset"]  # the table's first rows serve padding
     for required in ("vocab_size", "d_model", "n_layers", "n_heads"):
         if required not in values:
             name = family["fields"][required]
@@ -142,7 +232,7 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
         elif value is not None and not (isinstance(value, int) and 0 <= value < values["vocab_size"]):
             value = None
         values[name] = value
-    values["extra"] = {"hf_model_type": model_type}
+    values["extra"] = {"hf_model_type": model_type, **({"hf_architecture": architecture} if architecture else {})}
     try:
         return ModelConfig(**values)
     except (ValueError, TypeError) as exc:
@@ -173,9 +263,29 @@ def hf_model_type(cfg: ModelConfig) -> str:
                 return "qwen2"
             elif cfg.qkv_bias == cfg.attn_out_bias:
                 return "llama"
+    if cfg.family == "encoder":
+        if cfg.positions_skip_padding:
+            return "roberta"
+        return "electra" if cfg.embedding_size != cfg.d_model or cfg.head == "rtd" else "bert"
     raise CheckpointError(
         "this model cannot be expressed as a Hugging Face checkpoint of a supported model_type "
         f"({', '.join(sorted(HF_FAMILIES))}); save it in qkv's native format instead"
+    )
+
+
+def hf_encoder_architecture(cfg: ModelConfig, model_type: str) -> str:
+    """The HF architecture that carries `cfg`'s head (and pooler) on a `model_type` body."""
+    for arch, values in HF_ENCODER_ARCHITECTURES.items():
+        same_head = values["head"] == cfg.head and values.get("pooler", False) == cfg.pooler
+        if (
+            arch.lower().startswith(model_type)
+            and same_head
+            and values.get("classifier", cfg.classifier) == cfg.classifier
+        ):
+            return arch
+    raise CheckpointError(
+        f"no Hugging Face {model_type} architecture has head={cfg.head!r} with pooler={cfg.pooler} "
+        f"(and classifier={cfg.classifier!r}); save it in qkv's native format instead"
     )
 
 
@@ -190,7 +300,15 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf[family["activation"]] = next(k for k, v in acts.items() if v == cfg.mlp)
     architectures = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
-    hf["architectures"] = [architectures[model_type]]
+    if cfg.family == "encoder":
+        hf["architectures"] = [hf_encoder_architecture(cfg, model_type)]
+        hf["num_labels"] = cfg.num_labels
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        if cfg.positions_skip_padding:
+            hf["max_position_embeddings"] = cfg.max_seq_len + cfg.position_offset
+    else:
+        hf["architectures"] = [architectures[model_type]]
     if cfg.position == "rope":
         hf["rope_theta"] = cfg.rope_theta
         params: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}

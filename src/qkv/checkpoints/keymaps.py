@@ -72,8 +72,89 @@ HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
     "qwen2": LLAMA,
 }
 
-# Source tensors that carry no weights (buffers some checkpoints contain) and are skipped.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# BERT-family encoders (BERT, RoBERTa, ELECTRA). The body has the same names in all three under a
+# prefix that depends on the architecture: "" for the bare model (BertModel), "bert." / "roberta." /
+# "electra." when a head sits on it. `{p}` stands for that prefix (see `encoder_keymap`).
+_E = "{p}encoder.layer.{i}."
+
+ENCODER_BODY = _rules(
+    ("embed.tokens.weight", "{p}embeddings.word_embeddings.weight"),
+    ("embed.positions.weight", "{p}embeddings.position_embeddings.weight"),
+    ("embed.token_types.weight", "{p}embeddings.token_type_embeddings.weight"),
+    ("embed.norm.weight", "{p}embeddings.LayerNorm.weight"),
+    ("embed.norm.bias", "{p}embeddings.LayerNorm.bias"),
+    ("embed.project.weight", "{p}embeddings_project.weight"),  # ELECTRA, when embedding_size != d_model
+    ("embed.project.bias", "{p}embeddings_project.bias"),
+    (_B + "attn.qkv_proj.weight", [_E + f"attention.self.{p}.weight" for p in ("query", "key", "value")]),
+    (_B + "attn.qkv_proj.bias", [_E + f"attention.self.{p}.bias" for p in ("query", "key", "value")]),
+    (_B + "attn.o_proj.weight", _E + "attention.output.dense.weight"),
+    (_B + "attn.o_proj.bias", _E + "attention.output.dense.bias"),
+    (_B + "attn_norm.weight", _E + "attention.output.LayerNorm.weight"),
+    (_B + "attn_norm.bias", _E + "attention.output.LayerNorm.bias"),
+    (_B + "mlp.up.weight", _E + "intermediate.dense.weight"),
+    (_B + "mlp.up.bias", _E + "intermediate.dense.bias"),
+    (_B + "mlp.down.weight", _E + "output.dense.weight"),
+    (_B + "mlp.down.bias", _E + "output.dense.bias"),
+    (_B + "mlp_norm.weight", _E + "output.LayerNorm.weight"),
+    (_B + "mlp_norm.bias", _E + "output.LayerNorm.bias"),
+    ("pooler.dense.weight", "{p}pooler.dense.weight"),
+    ("pooler.dense.bias", "{p}pooler.dense.bias"),
+)
+
+
+def _head(dense: str | None, norm: str | None, out: str, out_bias: str | None = None) -> tuple[KeyRule, ...]:
+    """A head's rules from the HF module names of its dense layer, norm and output layer."""
+    rows: list[tuple] = []
+    if dense:
+        rows += [("head.dense.weight", dense + ".weight"), ("head.dense.bias", dense + ".bias")]
+    if norm:
+        rows += [("head.norm.weight", norm + ".weight"), ("head.norm.bias", norm + ".bias")]
+    target = "head.decoder" if out_bias else "head.out_proj"
+    rows += [(target + ".weight", out + ".weight"), (target + ".bias", out_bias or out + ".bias")]
+    return _rules(*rows)
+
+
+# model_type -> head -> rules. MLM decoders are tied to the word embeddings unless the config unties them.
+ENCODER_HEADS: dict[str, dict[str, tuple[KeyRule, ...]]] = {
+    "bert": {
+        "mlm": _head("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm",
+                     "cls.predictions.decoder", "cls.predictions.bias"),
+        "classification": _head(None, None, "classifier"),
+        "token_classification": _head(None, None, "classifier"),
+    },
+    "roberta": {
+        "mlm": _head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias"),
+        "classification": _head("classifier.dense", None, "classifier.out_proj"),
+        "token_classification": _head(None, None, "classifier"),
+    },
+    "electra": {
+        "rtd": _head("discriminator_predictions.dense", None, "discriminator_predictions.dense_prediction"),
+        "mlm": _head("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head",
+                     "generator_lm_head.bias"),
+        "classification": _head("classifier.dense", None, "classifier.out_proj"),
+        "token_classification": _head(None, None, "classifier"),
+    },
+}  # fmt: skip
+
+
+def encoder_keymap(model_type: str, head: str, prefix: str) -> tuple[KeyRule, ...]:
+    """The body's rules under `prefix` plus the rules of `head` for a BERT-family model_type."""
+    body = tuple(
+        KeyRule(r.target, tuple(s.replace("{p}", prefix) for s in r.sources), r.transform) for r in ENCODER_BODY
+    )
+    return body + ENCODER_HEADS[model_type].get(head, ())
+
+
+# Source tensors that carry no weights of their own and are skipped: buffers some checkpoints
+# contain, and aliases (BERT/RoBERTa save the MLM decoder's bias a second time when untied).
+IGNORED_SUFFIXES = (
+    ".attn.bias",
+    ".attn.masked_bias",
+    "rotary_emb.inv_freq",
+    "embeddings.position_ids",
+    "cls.predictions.decoder.bias",
+    "lm_head.decoder.bias",
+)
 
 # GGUF (llama.cpp) tensor names, as written by llama.cpp's `convert_hf_to_gguf.py`. The loader
 # (`qkv.checkpoints.gguf`) also undoes the converter's row permutation of attn_q/attn_k.

@@ -31,12 +31,11 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def model_class(cfg: ModelConfig) -> Callable[[ModelConfig], nn.Module]:
     """The qkv model class for a config's family."""
-    from qkv.models import DecoderLM
+    from qkv.models import MODEL_CLASSES
 
-    classes = {"decoder": DecoderLM}
-    if cfg.family not in classes:
+    if cfg.family not in MODEL_CLASSES:
         raise CheckpointError(f"no model class for family {cfg.family!r} yet")
-    return classes[cfg.family]
+    return MODEL_CLASSES[cfg.family]
 
 
 def build_on_meta(cfg: ModelConfig) -> nn.Module:

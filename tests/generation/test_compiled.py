@@ -55,7 +55,8 @@ def test_static_cache_len_rounds_up_within_the_context():
     assert static_cache_len(10, None) == 256
 
 
-def test_compiled_generate_equals_eager():
+@pytest.mark.parametrize("threads", [1, "default"], indirect=True)
+def test_compiled_generate_equals_eager(threads):
     model = tiny_model("tiny-llama")
     ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
     eager = model.generate(ids, max_new_tokens=20)

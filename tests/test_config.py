@@ -153,6 +153,15 @@ def test_replace_rederives_fields_that_were_derived():
     assert cfg.replace(n_heads=8) == ModelConfig.from_name("tiny-gpt2", n_heads=8)
 
 
-def test_t5_positions_are_refused_until_the_relative_bias_exists():
-    with pytest.raises(ValueError, match="position='t5'.*not implemented yet.*no position signal"):
-        ModelConfig(position="t5")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"relative_buckets": 31}, "relative_buckets=31 must be an even number >= 4"),
+        ({"relative_buckets": 2}, "relative_buckets=2 must be an even number >= 4"),
+        ({"relative_buckets": 32, "relative_max_distance": 8}, "relative_max_distance=8 must exceed"),
+        ({"relative_max_distance": 0}, "relative_max_distance=0 must be a positive integer"),
+    ],
+)
+def test_bad_t5_bucket_settings_are_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(position="t5", **overrides)

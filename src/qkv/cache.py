@@ -39,7 +39,16 @@ class KVCache:
         # Absolute slot held at each ring index (-1: empty); only used for sliding-window layers.
         self.ring_slots = torch.full((size,), -1, dtype=torch.long, device=device) if self.window else None
         self.pos = 0  # slots written so far
+        # Encoder-decoder models: what the decoder cross-attends to, set once per request by
+        # `set_context`; each layer's keys/values of it are computed on first use and kept.
+        self.context: torch.Tensor | None = None  # [B, S, D] encoder output
+        self.context_mask: torch.Tensor | None = None  # [B, S] 1/0, None when nothing is padded
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_context(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> None:
+        """Keep the encoder output [B, S, D] (and its padding mask [B, S]) for cross-attention."""
+        self.context, self.context_mask = context, context_mask
+        self.cross_kv = {}
 
     @property
     def batch_size(self) -> int:
@@ -98,10 +107,15 @@ class KVCache:
         self.pos += n_new
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder sequences along the batch (beam search): row i becomes row index[i]."""
+        """Select/reorder sequences along the batch (beam search): row i becomes row index[i]; the
+        cross-attention context and its keys/values follow."""
         for buffers in (self.k, self.v):
             for i, buf in enumerate(buffers):
                 buffers[i] = buf.index_select(0, index)
         self.cross_kv = {
             layer: (k.index_select(0, index), v.index_select(0, index)) for layer, (k, v) in self.cross_kv.items()
         }
+        if self.context is not None:
+            self.context = self.context.index_select(0, index)
+        if self.context_mask is not None:
+            self.context_mask = self.context_mask.index_select(0, index)

@@ -16,11 +16,16 @@ FAMILIES = ("decoder", "encoder", "seq2seq", "vit")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
-POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "none")  # "t5" comes with its relative bias
+POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
+SINUSOID_LAYOUTS = ("interleaved", "halves")  # sin/cos alternating (Vaswani et al.), or sin then cos (Marian)
 ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
 ATTN_BACKENDS = ("sdpa", "eager")
 # What sits on top of the stack: decoders have an LM head; encoders one of the others.
-HEADS = {"decoder": ("lm",), "encoder": ("none", "mlm", "classification", "token_classification", "rtd")}
+HEADS = {
+    "decoder": ("lm",),
+    "encoder": ("none", "mlm", "classification", "token_classification", "rtd"),
+    "seq2seq": ("lm",),
+}
 # Sequence classification on the first token: BERT's pooler, or a dense layer + activation (RoBERTa, ELECTRA).
 CLASSIFIERS = ("pooler", "dense_tanh", "dense_gelu")
 
@@ -67,6 +72,9 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # {"type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ..}
     partial_rotary_factor: float = 1.0
     sliding_window: int | None = None  # attend to the last `sliding_window` positions (incl. self)
+    sinusoid_layout: str = "interleaved"  # position="sinusoidal": see SINUSOID_LAYOUTS
+    relative_buckets: int = 32  # position="t5": buckets of the relative position bias (Raffel et al. 2020)
+    relative_max_distance: int = 128  # position="t5": distances beyond this share the last bucket
     attn_scale: float | None = None  # None -> 1/sqrt(head_dim); T5 uses 1.0
     attn_backend: str = "sdpa"
     # Biases and tying
@@ -84,6 +92,12 @@ class ModelConfig:
     embedding_size: int | None = None  # None -> d_model; ELECTRA projects smaller embeddings up to d_model
     position_offset: int = 0  # learned position ids start here (RoBERTa: pad_token_id + 1)
     positions_skip_padding: bool = False  # RoBERTa: count only non-pad tokens; padding sits at offset - 1
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al. §3.4; Marian, BART)
+    # Encoder-decoder
+    decoder_start_token_id: int | None = None  # the first decoder token of seq2seq generation
+    scale_tied_logits: bool = False  # T5: the tied LM head reads hidden * d_model^-0.5
+    final_logits_bias: bool = False  # BART/Marian: a learned [vocab] bias added to the logits
+    label_smoothing: float = 0.0  # in the LM loss (Szegedy et al. 2016; Vaswani et al. used 0.1)
     # Heads (encoders; decoders always have the LM head)
     head: str | None = None  # None -> the family's default: "lm" (decoder), "none" (encoder)
     pooler: bool = False  # dense + tanh on the first token -> pooler_output (BERT)
@@ -130,12 +144,23 @@ class ModelConfig:
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("mlp", self.mlp, MLPS)
-        if self.position == "t5":  # a known name, but no layer computes it yet: refuse it, never ignore it
-            raise ValueError(
-                "ModelConfig.position='t5' (T5 relative position buckets) is not implemented yet; a model built "
-                "with it would have no position signal at all. Use 'learned', 'sinusoidal', 'rope' or 'alibi'"
-            )
         _choice("position", self.position, POSITIONS)
+        _choice("sinusoid_layout", self.sinusoid_layout, SINUSOID_LAYOUTS)
+        if self.position == "t5":
+            _positive("relative_buckets", self.relative_buckets)
+            _positive("relative_max_distance", self.relative_max_distance)
+            if self.relative_buckets < 4 or self.relative_buckets % 2:
+                raise ValueError(
+                    f"ModelConfig.relative_buckets={self.relative_buckets} must be an even number >= 4 (T5 splits "
+                    "them between directions, then between exact and logarithmic distances)"
+                )
+            if self.relative_max_distance <= self.relative_buckets // 4:
+                raise ValueError(
+                    f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed the exactly "
+                    f"bucketed distances ({self.relative_buckets // 4} and below)"
+                )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"ModelConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0")
@@ -153,7 +178,7 @@ class ModelConfig:
                 raise ValueError("ModelConfig: the rotary dimension (head_dim * partial_rotary_factor) must be even")
         if self.rope_scaling is not None:
             self._check_rope_scaling()
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) else [] if value is None else [value]
             bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size]

@@ -17,9 +17,9 @@ V, D, L = 50, 16, 32
 pytestmark = pytest.mark.usefixtures("seeded")
 
 
-def make(position: str, scale: bool = False, **overrides) -> Embeddings:
+def make(position: str, **overrides) -> Embeddings:
     cfg = ModelConfig(vocab_size=V, d_model=D, n_heads=2, max_seq_len=L, position=position, **overrides)
-    return Embeddings(cfg, scale=scale).eval()
+    return Embeddings(cfg).eval()
 
 
 IDS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
@@ -34,13 +34,23 @@ def test_learned_positions_are_added():
 
 def test_sinusoidal_positions_and_sqrt_d_scale():
     """Vaswani et al. 2017 §3.4: token embeddings times sqrt(d_model), plus the §3.5 table."""
-    emb = make("sinusoidal", scale=True)
+    emb = make("sinusoidal", scale_embeddings=True)
     assert emb.positions is None and not list(emb.state_dict())[1:]  # the table is not a weight
     expected = emb.tokens.weight[IDS] * math.sqrt(D) + sinusoidal_table(L, D)[POS]
     torch.testing.assert_close(emb(IDS, POS), expected)
 
 
-@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+def test_marian_sinusoid_layout_equals_hf():
+    """Marian puts the sines in the first half of the dimensions and the cosines in the second."""
+    pytest.importorskip("transformers")
+    from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
+
+    for dim in (16, 15):
+        ref = MarianSinusoidalPositionalEmbedding(L, dim).create_weight()
+        torch.testing.assert_close(sinusoidal_table(L, dim, layout="halves"), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi", "t5", "none"])
 def test_positions_inside_attention_add_nothing_here(position):
     emb = make(position)
     torch.testing.assert_close(emb(IDS, POS), emb.tokens.weight[IDS])

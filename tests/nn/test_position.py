@@ -22,7 +22,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 
 from qkv.config import ModelConfig
 from qkv.nn.mask import alibi_bias
-from qkv.nn.position import RotaryEmbedding, alibi_slopes, apply_rotary, rope_inv_freq, sinusoidal_table
+from qkv.nn.position import (
+    RotaryEmbedding,
+    alibi_slopes,
+    apply_rotary,
+    relative_position_bucket,
+    rope_inv_freq,
+    sinusoidal_table,
+)
 
 # -- sinusoidal ------------------------------------------------------------------------------------
 
@@ -236,3 +243,13 @@ def test_alibi_bias_matches_bloom_up_to_a_per_query_constant(n_heads):
     ours = ours.masked_fill(~causal, float("-inf"))
     bloom = bloom.expand(n_heads, T, T).masked_fill(~causal, float("-inf"))
     torch.testing.assert_close(ours.softmax(-1), bloom.softmax(-1))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize(("buckets", "distance"), [(32, 128), (8, 20)])
+def test_t5_buckets_equal_transformers(bidirectional, buckets, distance):
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = torch.arange(-300, 301)[None, :] - torch.arange(0, 5)[:, None]
+    ref = T5Attention._relative_position_bucket(relative, bidirectional, buckets, distance)
+    assert torch.equal(relative_position_bucket(relative, bidirectional, buckets, distance), ref)

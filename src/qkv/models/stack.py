@@ -21,7 +21,7 @@ from qkv.nn.block import Block
 from qkv.nn.embedding import Embeddings
 from qkv.nn.mask import alibi_bias, build_attention_mask
 from qkv.nn.norm import make_norm
-from qkv.nn.position import RotaryEmbedding, alibi_slopes
+from qkv.nn.position import RelativePositionBias, RotaryEmbedding, alibi_slopes
 
 
 def check_token_type_ids(token_type_ids: torch.Tensor, input_ids: torch.Tensor, cfg: ModelConfig) -> None:
@@ -73,20 +73,26 @@ class StackOutput:
     last_hidden_state: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
     attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
+    cross_attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S_context]
 
 
 class TransformerStack(nn.Module):
     """Embeddings, `n_layers` blocks and the final norm (pre-norm models), causal or bidirectional."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(
+        self, cfg: ModelConfig, causal: bool = True, cross_attention: bool = False, n_layers: int | None = None
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.causal = causal
+        self.cross_attention = cross_attention
         self.embed = Embeddings(cfg)
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # T5 computes its relative bias in the first layer and shares it; here it belongs to the stack.
+        self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal) if cfg.position == "t5" else None
+        self.blocks = nn.ModuleList(Block(cfg, i, cross_attention) for i in range(n_layers or cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
 
     @staticmethod
@@ -158,12 +164,16 @@ class TransformerStack(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         token_type_ids: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> StackOutput:
         """Run the stack over input_ids [B, T].
 
         attention_mask: [B, past + T] of 1/0 (0 = padding); position_ids: [B, T] (default: the
         query slots); cache: a `KVCache`, advanced in place; input_pos: [T] slots to write in a
-        static cache; token_type_ids: [B, T] segment ids (BERT). Inside a compiled graph the checks
+        static cache; token_type_ids: [B, T] segment ids (BERT); context [B, S, D] and
+        context_mask [B, S]: what cross-attention reads (default: the cache's, see
+        `KVCache.set_context`). Inside a compiled graph the checks
         that read tensor values are skipped (they would break the graph); the eager prefill before it
         has checked the prompt.
         """
@@ -181,7 +191,11 @@ class TransformerStack(nn.Module):
             position_ids = q_slots.expand(B, T)
         x = self.embed(input_ids, position_ids, token_type_ids)
         inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
-        position_bias = alibi_bias(self.alibi_slopes, q_slots, k_slots) if cfg.position == "alibi" else None
+        position_bias = None
+        if cfg.position == "alibi":
+            position_bias = alibi_bias(self.alibi_slopes, q_slots, k_slots)
+        elif self.relative_bias is not None:
+            position_bias = self.relative_bias(q_slots, k_slots)
         # One mask for all layers; every layer of a stack shares the same window.
         inputs.masks["sliding" if cfg.sliding_window else "full"] = build_attention_mask(
             q_slots, k_slots, causal=self.causal, attention_mask=attention_mask, window=cfg.sliding_window,
@@ -190,15 +204,24 @@ class TransformerStack(nn.Module):
         if self.rope is not None:
             cos, sin = self.rope(position_ids, x.dtype)  # (B, 1, T, rot)
             inputs.rope = (cos.transpose(1, 2), sin.transpose(1, 2))  # token-major, as attention applies it
+        if self.cross_attention:
+            context, context_mask = self._context(context, context_mask, cache)
+            S = context.shape[1] if context is not None else cache.cross_kv[0][0].shape[2]
+            inputs.masks["cross"] = build_attention_mask(
+                q_slots, torch.arange(S, device=x.device), causal=False, attention_mask=context_mask, dtype=x.dtype
+            )
 
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
+        cross_attentions: list[torch.Tensor] = []
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(x)
-            x, weights, _ = block(x, inputs)
+            x, weights, cross_weights = block(x, inputs, context)
             if output_attentions:
                 attentions.append(weights)
+                if cross_weights is not None:
+                    cross_attentions.append(cross_weights)
         if cache is not None and not static:
             cache.advance(T)
         x = self.norm(x)
@@ -208,4 +231,16 @@ class TransformerStack(nn.Module):
             last_hidden_state=x,
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions and self.cross_attention else None,
         )
+
+    @staticmethod
+    def _context(
+        context: torch.Tensor | None, context_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The encoder output (and mask) that cross-attention reads: the argument, else the cache's."""
+        if context is None and cache is not None and (cache.context is not None or cache.cross_kv):
+            return cache.context, cache.context_mask
+        if context is None:
+            raise ValueError("cross-attention needs the encoder output: pass context= or a cache with set_context()")
+        return context, context_mask

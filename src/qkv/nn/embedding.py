@@ -17,10 +17,10 @@ class Embeddings(nn.Module):
 
     RoPE, ALiBi and T5 positions act inside attention, so for them only tokens are embedded here.
     Learned position ids are shifted by `position_offset` (RoBERTa keeps the rows below it for
-    padding). `scale` multiplies token embeddings by sqrt(d_model) as in Vaswani et al. 2017 §3.4.
+    padding). `scale_embeddings` multiplies token embeddings by sqrt(d_model) (Vaswani et al. 2017 §3.4).
     """
 
-    def __init__(self, cfg: ModelConfig, scale: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         dim = cfg.embedding_size
@@ -28,19 +28,21 @@ class Embeddings(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, dim)
         self.positions = nn.Embedding(cfg.max_seq_len + self.offset, dim) if cfg.position == "learned" else None
         if cfg.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(cfg.max_seq_len, dim), persistent=False)
+            table = sinusoidal_table(cfg.max_seq_len, dim, layout=cfg.sinusoid_layout)
+            self.register_buffer("sinusoid", table, persistent=False)
         else:
             self.sinusoid = None
         self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, dim) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.project = Linear(dim, cfg.d_model) if dim != cfg.d_model else None
-        self.scale = cfg.d_model**0.5 if scale else 1.0
+        self.scale = cfg.d_model**0.5 if cfg.scale_embeddings else 1.0
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute the sinusoid table (e.g. after building on the meta device)."""
         if self.sinusoid is not None:
-            self.sinusoid = sinusoidal_table(self.cfg.max_seq_len, self.cfg.embedding_size).to(device)
+            cfg = self.cfg
+            self.sinusoid = sinusoidal_table(cfg.max_seq_len, cfg.embedding_size, layout=cfg.sinusoid_layout).to(device)
 
     def forward(
         self,

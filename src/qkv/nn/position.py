@@ -2,8 +2,8 @@
 
 Learned absolute positions are a plain `nn.Embedding` in `qkv.nn.embedding.Embeddings`, which also
 adds the sinusoidal table; RoPE rotates queries and keys inside attention; ALiBi's slopes become an
-additive bias in `qkv.nn.mask.alibi_bias`. T5's relative buckets do not exist yet, so
-`ModelConfig` refuses position='t5'.
+additive bias in `qkv.nn.mask.alibi_bias`; T5's relative buckets are a learned bias per head
+(`RelativePositionBias`), also added to the mask.
 """
 
 from __future__ import annotations
@@ -16,17 +16,67 @@ from torch import nn
 from qkv.config import ModelConfig
 
 
-def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0) -> torch.Tensor:
-    """[n_positions, dim] table of Vaswani et al. 2017 §3.5.
+def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved") -> torch.Tensor:
+    """[n_positions, dim] table of Vaswani et al. 2017 §3.5, with angles pos / base^(2i/dim).
 
-    PE(pos, 2i) = sin(pos / base^(2i/dim)), PE(pos, 2i+1) = cos(pos / base^(2i/dim)).
+    layout "interleaved": PE(pos, 2i) = sin, PE(pos, 2i+1) = cos (the paper, fairseq);
+    "halves": the sines in the first ceil(dim/2) columns, the cosines after them (Marian,
+    HF's `MarianSinusoidalPositionalEmbedding`). Both appear in real checkpoints.
     """
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
     inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    sin, cos = torch.sin(pos * inv), torch.cos(pos * inv)[:, : dim // 2]
     table = torch.zeros(n_positions, dim, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(pos * inv)
-    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    if layout == "halves":
+        table[:, : sin.shape[1]], table[:, sin.shape[1] :] = sin, cos
+    elif layout == "interleaved":
+        table[:, 0::2], table[:, 1::2] = sin, cos
+    else:
+        raise ValueError(f"unknown sinusoid layout {layout!r}; choose 'interleaved' or 'halves'")
     return table.float()
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket of each relative position (key - query) (Raffel et al. 2020, §2.1).
+
+    Half the buckets (all of them when causal, where keys after the query cannot occur) hold exact
+    small distances; the rest cover distances up to max_distance on a log scale, and farther ones
+    share the last bucket. Bidirectional attention gives keys after the query their own half.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    far = (
+        max_exact
+        + (
+            torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        ).long()
+    )
+    far = far.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned relative position bias, computed once per forward and shared by every layer of
+    a stack: slots -> additive bias [1, H, T, S]."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.embed = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
+
+    def forward(self, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
+        relative = k_slots[None, :] - q_slots[:, None]  # (T, S)
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embed(buckets).permute(2, 0, 1)[None]  # (1, H, T, S)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

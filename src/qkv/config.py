@@ -95,7 +95,7 @@ class ModelConfig:
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al. §3.4; Marian, BART)
     # Encoder-decoder
     decoder_start_token_id: int | None = None  # the first decoder token of seq2seq generation
-    scale_tied_logits: bool = False  # T5: the tied LM head reads hidden * d_model^-0.5
+    scale_decoder_output: bool = False  # T5 v1.0: the LM head reads hidden * d_model^-0.5 (v1.1 does not)
     final_logits_bias: bool = False  # BART/Marian: a learned [vocab] bias added to the logits
     label_smoothing: float = 0.0  # in the LM loss (Szegedy et al. 2016; Vaswani et al. used 0.1)
     # Heads (encoders; decoders always have the LM head)
@@ -244,9 +244,9 @@ class ModelConfig:
 
     @property
     def context_limit(self) -> int | None:
-        """Longest sequence the model accepts; None when dynamic NTK RoPE extends it without bound."""
-        if (self.rope_scaling or {}).get("type") == "dynamic":
-            return None
+        """Longest sequence the model accepts; None when positions have no bound (dynamic NTK RoPE, T5)."""
+        if (self.rope_scaling or {}).get("type") == "dynamic" or self.position == "t5":
+            return None  # T5's relative buckets have no table to run past
         return self.max_seq_len
 
     @property

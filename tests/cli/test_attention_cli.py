@@ -15,8 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 def test_bert_attention_maps_are_bidirectional(tmp_path, capsys):
     tok = train_tokenizer(kind="wordpiece", texts=["the cat sat on the mat"] * 10, vocab_size=60, show_progress=False)
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=48, attn_implementation="eager")  # fmt: skip
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        attn_implementation="eager",  # returns attention weights
+    )
     torch.manual_seed(0)
     hf = transformers.BertModel(config).eval()
     hf.save_pretrained(tmp_path / "bert")

@@ -11,13 +11,17 @@ from qkv.checkpoints.keymaps import IGNORED_SUFFIXES, KeyRule
 from qkv.errors import CheckpointError
 
 
-def expand_rules(rules: tuple[KeyRule, ...], n_layers: int) -> list[KeyRule]:
-    """The rules with `{i}` expanded for every layer index."""
+def expand_rules(rules: tuple[KeyRule, ...], n_layers: int, n_decoder_layers: int | None = None) -> list[KeyRule]:
+    """The rules with `{i}` expanded for every layer index (`{j}`: every decoder layer of a seq2seq model)."""
     out = []
     for rule in rules:
-        if "{i}" in rule.target:
-            for i in range(n_layers):
-                out.append(KeyRule(rule.target.format(i=i), tuple(s.format(i=i) for s in rule.sources), rule.transform))
+        key, count = ("j", n_decoder_layers or n_layers) if "{j}" in rule.target else ("i", n_layers)
+        if "{" + key + "}" in rule.target:
+            for i in range(count):
+                fmt = {key: i}
+                out.append(
+                    KeyRule(rule.target.format(**fmt), tuple(s.format(**fmt) for s in rule.sources), rule.transform)
+                )
         else:
             out.append(rule)
     return out
@@ -39,6 +43,7 @@ def to_qkv_state_dict(
     n_layers: int,
     origin: str = "checkpoint",
     tied: tuple[str, ...] = (),
+    n_decoder_layers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build qkv's state dict from a foreign one.
 
@@ -48,7 +53,7 @@ def to_qkv_state_dict(
     wrongly shaped tensors.
     """
     get = source.__getitem__ if isinstance(source, Mapping) else source
-    by_target = {r.target: r for r in expand_rules(rules, n_layers)}
+    by_target = {r.target: r for r in expand_rules(rules, n_layers, n_decoder_layers)}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
@@ -86,6 +91,7 @@ def from_qkv_state_dict(
     rules: tuple[KeyRule, ...],
     n_layers: int,
     split_sizes: Mapping[str, tuple[int, ...]],
+    n_decoder_layers: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The inverse map, for export: qkv tensors -> foreign names.
 
@@ -93,14 +99,14 @@ def from_qkv_state_dict(
     rule's target pattern suffix (e.g. "attn.qkv_proj.weight").
     """
     out: dict[str, torch.Tensor] = {}
-    for rule in expand_rules(rules, n_layers):
+    for rule in expand_rules(rules, n_layers, n_decoder_layers):
         if rule.target not in state:
             continue
         tensor = state[rule.target]
         if len(rule.sources) == 1:
             parts = [tensor]
         else:
-            key = re.sub(r"^blocks\.\d+\.", "", rule.target)
+            key = re.sub(r"^((en|de)coder\.)?blocks\.\d+\.", "", rule.target)
             parts = list(tensor.split(list(split_sizes[key]), dim=0))
         for src, part in zip(rule.sources, parts, strict=True):
             out[src] = _transform(part, rule.transform).contiguous()

@@ -23,7 +23,7 @@ from qkv.checkpoints.hf_config import (
     hf_encoder_architecture,
     hf_tensor_prefix,
 )
-from qkv.checkpoints.keymaps import HF_KEYMAPS, KeyRule, encoder_keymap
+from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keymap
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
@@ -115,6 +115,8 @@ def hf_keymap(cfg: ModelConfig, model_type: str, architecture: str | None = None
     if cfg.family == "encoder":
         architecture = architecture or hf_encoder_architecture(cfg, model_type)
         return encoder_keymap(model_type, cfg.head, hf_tensor_prefix(architecture, model_type))
+    if model_type == "t5" and cfg.gated_mlp:
+        return T5_GATED
     return HF_KEYMAPS[model_type]
 
 
@@ -125,11 +127,16 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
     source = _TensorSource(path)
     if cfg.pooler and not any(name.endswith("pooler.dense.weight") for name in source.names()):
         cfg = cfg.replace(pooler=False)  # e.g. BertModel(add_pooling_layer=False)
+    if raw["model_type"] == "t5" and not cfg.tie_embeddings and "lm_head.weight" not in source.names():
+        cfg = cfg.replace(tie_embeddings=True)  # transformers 5 always ties T5's head (and saves none)
     meta = build_on_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     tied = tuple(tied_aliases(meta))
     rules = hf_keymap(cfg, raw["model_type"], cfg.extra.get("hf_architecture"))
-    state = to_qkv_state_dict(source, source.names(), rules, expected, cfg.n_layers, origin=str(path), tied=tied)
+    state = to_qkv_state_dict(
+        source, source.names(), rules, expected, cfg.n_layers, origin=str(path), tied=tied,
+        n_decoder_layers=cfg.n_decoder_layers,
+    )  # fmt: skip
     dtype = resolve_dtype(dtype) or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     model = materialize(cfg, state, origin=str(path))
@@ -152,6 +159,8 @@ def _split_sizes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {
         "attn.qkv_proj.weight": (q, kv, kv),
         "attn.qkv_proj.bias": (q, kv, kv),
+        "cross_attn.kv_proj.weight": (kv, kv),
+        "cross_attn.kv_proj.bias": (kv, kv),
         "mlp.up.weight": (cfg.d_ff, cfg.d_ff),
         "mlp.up.bias": (cfg.d_ff, cfg.d_ff),
     }
@@ -169,7 +178,7 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     aliases = tied_aliases(model)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in aliases}
     rules = hf_keymap(cfg, hf["model_type"], hf["architectures"][0])
-    tensors = from_qkv_state_dict(state, rules, cfg.n_layers, _split_sizes(cfg))
+    tensors = from_qkv_state_dict(state, rules, cfg.n_layers, _split_sizes(cfg), cfg.n_decoder_layers)
     out = Path(out)
     check_replaceable(out, is_hf_dir, "Hugging Face checkpoint")
     with atomic_directory(out) as tmp:

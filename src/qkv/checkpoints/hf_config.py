@@ -154,8 +154,96 @@ def _encoder_values(hf: dict[str, Any], model_type: str, family: dict[str, Any],
     return {**values, "extra_architecture": arch}
 
 
+# Encoder-decoders. BART and Marian share one field table; T5 has its own names.
+_BART_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "d_model",
+    "n_layers": "encoder_layers",
+    "n_decoder_layers": "decoder_layers",
+    "n_heads": "encoder_attention_heads",
+    "d_ff": "encoder_ffn_dim",
+    "max_seq_len": "max_position_embeddings",
+    "scale_embeddings": "scale_embedding",
+    "tie_embeddings": "tie_word_embeddings",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "decoder_start_token_id": "decoder_start_token_id",
+}
+# BART: learned positions offset by 2 (fairseq's padding rows), an embedding LayerNorm, post-norm.
+_BART_FIXED = dict(
+    family="seq2seq", norm="layernorm", norm_eps=1e-5, norm_position="post", position="learned", position_offset=2,
+    embed_norm=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True, final_logits_bias=True, mlp="gelu",
+)  # fmt: skip
+# The decoder may not differ from the encoder in these (qkv's two stacks share one config).
+_BART_SAME = {"decoder_attention_heads": "encoder_attention_heads", "decoder_ffn_dim": "encoder_ffn_dim"}
+HF_FAMILIES["bart"] = {"fields": _BART_FIELDS, "fixed": _BART_FIXED, "activation": "activation_function",
+                       "same_as": _BART_SAME, "architecture": "BartForConditionalGeneration"}  # fmt: skip
+# Marian (the original Transformer's layout): sinusoidal positions with sin and cos in halves.
+HF_FAMILIES["marian"] = {
+    "fields": _BART_FIELDS,
+    "fixed": {**_BART_FIXED, "position": "sinusoidal", "sinusoid_layout": "halves", "position_offset": 0,
+              "embed_norm": False},
+    "activation": "activation_function",
+    "same_as": {**_BART_SAME, "decoder_vocab_size": "vocab_size"},
+    "unsupported_values": {"share_encoder_decoder_embeddings": (True, None)},
+    "architecture": "MarianMTModel",
+}  # fmt: skip
+HF_FAMILIES["t5"] = {
+    "fields": {
+        "vocab_size": "vocab_size",
+        "d_model": "d_model",
+        "n_layers": "num_layers",
+        "n_decoder_layers": "num_decoder_layers",
+        "n_heads": "num_heads",
+        "head_dim": "d_kv",
+        "d_ff": "d_ff",
+        "norm_eps": "layer_norm_epsilon",
+        "max_seq_len": "n_positions",
+        "relative_buckets": "relative_attention_num_buckets",
+        "relative_max_distance": "relative_attention_max_distance",
+        "tie_embeddings": "tie_word_embeddings",
+        "scale_decoder_output": "scale_decoder_outputs",
+        "eos_token_id": "eos_token_id",
+        "pad_token_id": "pad_token_id",
+        "decoder_start_token_id": "decoder_start_token_id",
+    },
+    # T5 (Raffel et al. 2020): RMSNorm without bias, pre-norm, no biases, unscaled attention.
+    "fixed": dict(family="seq2seq", norm="rmsnorm", norm_eps=1e-6, norm_position="pre", position="t5",
+                  attn_scale=1.0, mlp="relu", scale_decoder_output=True, max_seq_len=512),
+    "activation": "feed_forward_proj",
+    # `feed_forward_proj` sets both the gating and the activation ("gated-gelu" is T5 v1.1's).
+    "activations": {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu_tanh", "gated-silu": "swiglu"},
+    "architecture": "T5ForConditionalGeneration",
+}  # fmt: skip
+
+
+def _seq2seq_values(hf: dict[str, Any], model_type: str, family: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Encoder-decoder settings that are not one-to-one fields."""
+    for theirs, ours in family.get("same_as", {}).items():
+        if hf.get(theirs) is not None and hf.get(theirs) != hf.get(ours):
+            raise CheckpointError(
+                f"{origin}: {theirs}={hf[theirs]} differs from {ours}={hf.get(ours)}; qkv's encoder and decoder "
+                "share these sizes"
+            )
+    values: dict[str, Any] = {}
+    if hf.get("decoder_start_token_id") is None:
+        values["decoder_start_token_id"] = hf.get("pad_token_id")  # T5's convention
+    if model_type == "t5" and "scale_decoder_outputs" not in hf:
+        # transformers 4.x: the head is rescaled exactly when it is tied (v1.0 yes, v1.1 no).
+        values["scale_decoder_output"] = hf.get("tie_word_embeddings") is not False
+    return values
+
+
 # HF activation names -> qkv `mlp` for plain and gated families.
-_PLAIN_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+_PLAIN_ACTS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+    "swish": "silu",
+    "silu": "silu",
+}
 _GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
 
 
@@ -196,6 +284,8 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
         if hf.get(theirs) is not None:
             values[ours] = hf[theirs]
     architecture = None
+    if values["family"] == "seq2seq":
+        values.update(_seq2seq_values(hf, model_type, family, origin))
     if values["family"] == "encoder":
         values.update(_encoder_values(hf, model_type, family, origin))
         architecture = values.pop("extra_architecture")
@@ -207,7 +297,8 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
             raise CheckpointError(f"{origin}: missing required field {name!r} for model_type {model_type!r}")
     act = hf.get(family["activation"])
     if act is not None:
-        table = _GATED_ACTS if values["mlp"] in ("swiglu", "geglu", "geglu_tanh") else _PLAIN_ACTS
+        gated = values["mlp"] in ("swiglu", "geglu", "geglu_tanh")
+        table = family.get("activations") or (_GATED_ACTS if gated else _PLAIN_ACTS)
         if act not in table:
             raise CheckpointError(f"{origin}: activation {act!r} is not supported; supported: {', '.join(table)}")
         values["mlp"] = table[act]
@@ -263,6 +354,10 @@ def hf_model_type(cfg: ModelConfig) -> str:
                 return "qwen2"
             elif cfg.qkv_bias == cfg.attn_out_bias:
                 return "llama"
+    if cfg.family == "seq2seq":
+        kinds = {"t5": "t5", "learned": "bart", "sinusoidal": "marian"}
+        if cfg.position in kinds and (cfg.position != "sinusoidal" or cfg.sinusoid_layout == "halves"):
+            return kinds[cfg.position]
     if cfg.family == "encoder":
         if cfg.positions_skip_padding:
             return "roberta"
@@ -296,11 +391,17 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf: dict[str, Any] = {"model_type": model_type}
     for ours, theirs in family["fields"].items():
         hf[theirs] = getattr(cfg, ours)
-    acts = _GATED_ACTS if cfg.gated_mlp else _PLAIN_ACTS
+    acts = family.get("activations") or (_GATED_ACTS if cfg.gated_mlp else _PLAIN_ACTS)
     hf[family["activation"]] = next(k for k, v in acts.items() if v == cfg.mlp)
+    for theirs, ours in family.get("same_as", {}).items():
+        hf[theirs] = hf[ours]
     architectures = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                      "qwen2": "Qwen2ForCausalLM"}  # fmt: skip
-    if cfg.family == "encoder":
+    if cfg.family == "seq2seq":
+        hf["architectures"] = [family["architecture"]]
+        hf["is_encoder_decoder"] = True
+        hf["forced_eos_token_id"] = None  # qkv forces no token; HF would at max_length for BART/Marian
+    elif cfg.family == "encoder":
         hf["architectures"] = [hf_encoder_architecture(cfg, model_type)]
         hf["num_labels"] = cfg.num_labels
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}

@@ -64,13 +64,6 @@ LLAMA = _rules(
     ("lm_head.weight", "lm_head.weight"),
 )
 
-# Hugging Face `model_type` -> key map. Families that differ from LLaMA only in config share it.
-HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
-    "gpt2": GPT2,
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-}
 
 # BERT-family encoders (BERT, RoBERTa, ELECTRA). The body has the same names in all three under a
 # prefix that depends on the architecture: "" for the bare model (BertModel), "bert." / "roberta." /
@@ -145,6 +138,90 @@ def encoder_keymap(model_type: str, head: str, prefix: str) -> tuple[KeyRule, ..
     return body + ENCODER_HEADS[model_type].get(head, ())
 
 
+# Encoder-decoders: "encoder." and "decoder." stacks; `{j}` stands for a decoder layer index (the
+# decoder may have another depth). Source and target embeddings are one tensor in qkv.
+_EB, _DB = "encoder.blocks.{i}.", "decoder.blocks.{j}."
+
+
+def _bart_layer(src: str, dst: str, cross: bool) -> list[tuple]:
+    rows = []
+    for hf_name, ours in (("self_attn", "attn"), *((("encoder_attn", "cross_attn"),) if cross else ())):
+        for kind in ("weight", "bias"):
+            if ours == "attn":
+                rows.append((dst + f"attn.qkv_proj.{kind}", [src + f"self_attn.{p}_proj.{kind}" for p in "qkv"]))
+            else:
+                rows.append((dst + f"cross_attn.q_proj.{kind}", src + f"encoder_attn.q_proj.{kind}"))
+                rows.append((dst + f"cross_attn.kv_proj.{kind}", [src + f"encoder_attn.{p}_proj.{kind}" for p in "kv"]))
+            rows.append((dst + f"{ours}.o_proj.{kind}", src + f"{hf_name}.out_proj.{kind}"))
+            norm = "attn_norm" if ours == "attn" else "cross_norm"
+            rows.append((dst + f"{norm}.{kind}", src + f"{hf_name}_layer_norm.{kind}"))
+    for kind in ("weight", "bias"):
+        rows += [(dst + f"mlp.up.{kind}", src + f"fc1.{kind}"), (dst + f"mlp.down.{kind}", src + f"fc2.{kind}"),
+                 (dst + f"mlp_norm.{kind}", src + f"final_layer_norm.{kind}")]  # fmt: skip
+    return rows
+
+
+def _bart_stack(side: str) -> list[tuple]:
+    rows = [(f"{side}.embed.positions.weight", f"model.{side}.embed_positions.weight")]
+    rows += [(f"{side}.embed.norm.{k}", f"model.{side}.layernorm_embedding.{k}") for k in ("weight", "bias")]
+    index = "{i}" if side == "encoder" else "{j}"
+    return rows + _bart_layer(f"model.{side}.layers.{index}.", _EB if side == "encoder" else _DB, side == "decoder")
+
+
+# BART and Marian (Marian has no learned positions or embedding norm: those rows go unused).
+BART = _rules(
+    ("encoder.embed.tokens.weight", "model.shared.weight"),
+    *_bart_stack("encoder"),
+    *_bart_stack("decoder"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("final_logits_bias", "final_logits_bias"),
+)
+
+
+def _t5(gated: bool) -> tuple[KeyRule, ...]:
+    """T5's names; v1.1's gated FFN has `wi_0` (gate) and `wi_1` (up) where v1.0 has `wi`."""
+    wi = ["DenseReluDense.wi_0.weight", "DenseReluDense.wi_1.weight"] if gated else ["DenseReluDense.wi.weight"]
+    rows: list[tuple] = [("encoder.embed.tokens.weight", "shared.weight"), ("lm_head.weight", "lm_head.weight")]
+    for side, dst, index in (("encoder", _EB, "{i}"), ("decoder", _DB, "{j}")):
+        src = f"{side}.block.{index}.layer."
+        ffn = 2 if side == "decoder" else 1  # the decoder's cross-attention is layer 1
+        rows += [
+            (
+                f"{side}.relative_bias.embed.weight",
+                f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ),
+            (f"{side}.norm.weight", f"{side}.final_layer_norm.weight"),
+            (dst + "attn.qkv_proj.weight", [src + f"0.SelfAttention.{p}.weight" for p in "qkv"]),
+            (dst + "attn.o_proj.weight", src + "0.SelfAttention.o.weight"),
+            (dst + "attn_norm.weight", src + "0.layer_norm.weight"),
+            (dst + "mlp.up.weight", [src + f"{ffn}.{w}" for w in wi]),
+            (dst + "mlp.down.weight", src + f"{ffn}.DenseReluDense.wo.weight"),
+            (dst + "mlp_norm.weight", src + f"{ffn}.layer_norm.weight"),
+        ]
+        if side == "decoder":
+            rows += [
+                (dst + "cross_attn.q_proj.weight", src + "1.EncDecAttention.q.weight"),
+                (dst + "cross_attn.kv_proj.weight", [src + f"1.EncDecAttention.{p}.weight" for p in "kv"]),
+                (dst + "cross_attn.o_proj.weight", src + "1.EncDecAttention.o.weight"),
+                (dst + "cross_norm.weight", src + "1.layer_norm.weight"),
+            ]
+    return _rules(*rows)
+
+
+T5, T5_GATED = _t5(gated=False), _t5(gated=True)
+
+# Hugging Face `model_type` -> key map. Families that differ from LLaMA only in config share it.
+HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
+    "gpt2": GPT2,
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "bart": BART,
+    "marian": BART,
+    "t5": T5,  # T5_GATED when the FFN is gated (see `qkv.checkpoints.hf.hf_keymap`)
+}
+
+
 # Source tensors that carry no weights of their own and are skipped: buffers some checkpoints
 # contain, and aliases (BERT/RoBERTa save the MLM decoder's bias a second time when untied).
 IGNORED_SUFFIXES = (
@@ -154,6 +231,8 @@ IGNORED_SUFFIXES = (
     "embeddings.position_ids",
     "cls.predictions.decoder.bias",
     "lm_head.decoder.bias",
+    "encoder.embed_tokens.weight",  # seq2seq checkpoints that also store the shared embedding per stack
+    "decoder.embed_tokens.weight",
 )
 
 # GGUF (llama.cpp) tensor names, as written by llama.cpp's `convert_hf_to_gguf.py`. The loader

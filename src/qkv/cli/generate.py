@@ -79,12 +79,12 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 def encode_checked(args: argparse.Namespace, model, tok, prompt: str, add_special: bool) -> list[int]:
     """The prompt's ids; an error naming the flag when it is empty or does not fit the context."""
-    from qkv.generation.decode import context_budget
+    from qkv.generation.decode import generation_budget
     from qkv.generation.text import encode_prompt
 
     try:
         ids = encode_prompt(tok, prompt, add_special)
-        context_budget(model.config.context_limit, len(ids), args.max_new_tokens)
+        generation_budget(model, len(ids), args.max_new_tokens)
     except UsageError as exc:
         flag = f"--prompt-file {args.prompt_file}" if args.prompt_file else "--prompt"
         raise UsageError(f"{flag}: {exc}") from None

@@ -14,7 +14,7 @@ import torch
 
 from qkv.errors import GenerationOptionError
 from qkv.generation.beam import beam_search
-from qkv.generation.decode import context_budget, decode_steps, resolve_eos
+from qkv.generation.decode import decode_steps, generation_budget, is_encoder_decoder, resolve_eos
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor
 from qkv.generation.stopping import StopStrings
@@ -32,7 +32,8 @@ def generate(
     compile: bool = False,
     **options: Any,
 ) -> torch.Tensor:
-    """Generate after input_ids [B, T] -> [B * num_return_sequences, T + n].
+    """Generate after input_ids [B, T] -> [B * num_return_sequences, T + n] (for an encoder-decoder,
+    input_ids is the source and the result is the decoder's [start token + n]).
 
     Options come as a `GenerationConfig` and/or keywords that override its fields (see
     `GenerationConfig` for each): temperature=0 is greedy, otherwise tokens are sampled after the
@@ -49,7 +50,7 @@ def generate(
         raise GenerationOptionError(
             "generate() returns token ids only; ask complete()/stream_completion() for logprobs"
         )
-    n_new = context_budget(model.config.context_limit, input_ids.shape[1], config.max_new_tokens)
+    n_new = generation_budget(model, input_ids.shape[1], config.max_new_tokens)
     eos = resolve_eos(config, model)
     stop = StopStrings(getattr(model, "tokenizer", None), config.stop) if config.stop else None
     if config.num_beams > 1:
@@ -64,4 +65,5 @@ def generate(
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
     steps = decode_steps(model, input_ids, config, n_new, eos, attention_mask, processors, stop, compile)
     new = [step.tokens for step in steps]
-    return torch.cat((input_ids, torch.stack(new, dim=1)), dim=1)
+    prefix = model.decoder_start_ids(input_ids.shape[0]) if is_encoder_decoder(model) else input_ids
+    return torch.cat((prefix, torch.stack(new, dim=1)), dim=1)

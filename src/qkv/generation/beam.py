@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from qkv.generation.decode import decode_one_token, prefill, sampling_setup
+from qkv.generation.decode import decode_one_token, is_encoder_decoder, prefill, sampling_setup
 from qkv.generation.options import GenerationConfig
 from qkv.generation.stopping import StopStrings
 
@@ -77,8 +77,16 @@ def beam_search(
     """
     config.check_supported("beam")
     num_beams = config.num_beams
-    B, T = input_ids.shape
+    B = input_ids.shape[0]
     device = input_ids.device
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: take the mask-free fast path
+    encoder_decoder = is_encoder_decoder(model)
+    cache = model.new_cache(B, (1 if encoder_decoder else input_ids.shape[1]) + n_new)
+    logits, prefix = prefill(model, input_ids, cache, attention_mask)  # (B, V), the sequence continued
+    if encoder_decoder:
+        attention_mask = None  # it was the encoder's; every decoder row starts alike
+    T = prefix.shape[1]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     processors, generator = sampling_setup(config, T, device)
@@ -89,7 +97,7 @@ def beam_search(
     # Running beams: tokens (B, nb, L), cumulative log-probs (B, nb). Only beam 0 starts "alive", so
     # the first step does not pick the same continuation num_beams times.
     running = torch.full((B, num_beams, L), pad, dtype=torch.long, device=device)
-    running[:, :, :T] = input_ids[:, None]
+    running[:, :, :T] = prefix[:, None]
     running_scores = torch.full((B, num_beams), neg_inf, device=device)
     running_scores[:, 0] = 0.0
     # Finished hypotheses, best first: tokens, length-penalised scores, generated lengths.
@@ -100,10 +108,6 @@ def beam_search(
     top_beams = torch.arange(K, device=device) < num_beams  # only these candidates may finish
     batch_offset = torch.arange(B, device=device)[:, None] * num_beams
 
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: take the mask-free fast path
-    cache = model.new_cache(B, L)
-    logits = prefill(model, input_ids, cache, attention_mask)  # (B, V)
     # Copy each prompt's cache to its beams: row b * num_beams + j is beam j of prompt b.
     to_beams = torch.arange(B, device=device).repeat_interleave(num_beams)
     cache.reorder(to_beams)

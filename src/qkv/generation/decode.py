@@ -28,16 +28,29 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
+def is_encoder_decoder(model: torch.nn.Module) -> bool:
+    """Whether the prompt is an encoder input (True) or the decoder's own prefix (False)."""
+    return bool(getattr(model, "is_encoder_decoder", False))
+
+
 def prefill(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     cache: KVCache,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run the prompt [B, T] through the model, filling the cache; return last-position logits [B, V]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed the prompt [B, T] -> (last-position logits [B, V], the sequence being continued [B, P]).
+
+    A decoder continues the prompt itself (filling the cache). An encoder-decoder encodes the
+    prompt into the cache's cross-attention context and continues [decoder_start_token_id].
+    """
+    if is_encoder_decoder(model):
+        model.encode(input_ids, attention_mask, cache=cache)
+        prefix = model.decoder_start_ids(input_ids.shape[0])
+        return model.decode(prefix, cache, logits_to_keep=1)[:, -1], prefix
     position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
-    out = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1)
-    return out.logits[:, -1]
+    logits = model.decode(input_ids, cache, attention_mask, position_ids, logits_to_keep=1)
+    return logits[:, -1], input_ids
 
 
 def decode_one_token(
@@ -50,8 +63,17 @@ def decode_one_token(
     position_ids = None
     if attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)[:, -1:]
-    out = model(token[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-    return out.logits[:, -1]
+    return model.decode(token[:, None], cache, attention_mask, position_ids)[:, -1]
+
+
+def generation_budget(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> int:
+    """`context_budget` for a model: an encoder-decoder's decoder continues one start token (its
+    encoder checks the prompt's length against its own positions)."""
+    if is_encoder_decoder(model):
+        if prompt_len == 0:
+            raise UsageError("the prompt is empty; give at least one token (e.g. the EOS token)")
+        prompt_len = 1
+    return context_budget(model.config.context_limit, prompt_len, max_new_tokens)
 
 
 def context_budget(limit: int | None, prompt_len: int, max_new_tokens: int) -> int:
@@ -115,15 +137,14 @@ def decode_steps(
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position (at most n_new), stopping when every row finished.
 
+    For an encoder-decoder the steps continue the decoder's start token, not the prompt.
     Finished rows keep receiving the pad id (config.pad_token_id, else the first EOS id, else 0).
     `stop` ends a row once its generated text contains a stop string (the token that completed it
     is kept). The caller may stop iterating at any time; the cache is local to this iterator.
     `compile=True` runs every step through one compiled static-shape graph (`StaticStep`).
     """
-    B, T = input_ids.shape
+    B = input_ids.shape[0]
     device = input_ids.device
-    own, generator = sampling_setup(config, T, device)
-    processors = own if processors is None else processors
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     if attention_mask is not None and bool(attention_mask.all()):
@@ -132,13 +153,19 @@ def decode_steps(
     if compile:
         if attention_mask is not None:
             raise ValueError("compile=True does not support left-padded batches yet; pass compile=False")
+        if is_encoder_decoder(model):
+            raise ValueError("compile=True does not support encoder-decoder models yet; pass compile=False")
         static = StaticStep(model, compile=True)
-        cache = static.new_cache(B, T + n_new)
-        logits = static.prefill(input_ids, cache)
+        cache = static.new_cache(B, input_ids.shape[1] + n_new)
+        logits, tokens = static.prefill(input_ids, cache), input_ids
     else:
-        cache = model.new_cache(B, T + n_new)
-        logits = prefill(model, input_ids, cache, attention_mask)
-    tokens = input_ids
+        cache = model.new_cache(B, (1 if is_encoder_decoder(model) else input_ids.shape[1]) + n_new)
+        logits, tokens = prefill(model, input_ids, cache, attention_mask)
+        if is_encoder_decoder(model):
+            attention_mask = None  # it was the encoder's; every decoder row starts alike
+    T = tokens.shape[1]  # the sequence being continued: the prompt, or the decoder's start token
+    own, generator = sampling_setup(config, T, device)
+    processors = own if processors is None else processors
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(n_new):
         raw = logits

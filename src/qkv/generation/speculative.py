@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from qkv.cache import KVCache
-from qkv.generation.decode import context_budget, prefill, resolve_eos
+from qkv.generation.decode import context_budget, is_encoder_decoder, prefill, resolve_eos
 from qkv.generation.options import GenerationConfig
 
 
@@ -48,7 +48,7 @@ def full_length_cache(model: torch.nn.Module, max_len: int) -> KVCache:
 
 def _argmax_after(model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, keep: int = 1) -> torch.Tensor:
     """Feed tokens [1, n] at the cache's next slots; return the argmax after each of the last `keep`: [keep]."""
-    return model(tokens, cache=cache, logits_to_keep=keep).logits[0].argmax(-1)
+    return model.decode(tokens, cache, logits_to_keep=keep)[0].argmax(-1)
 
 
 @torch.no_grad()
@@ -71,6 +71,8 @@ def speculative_generate(
     """
     config = GenerationConfig.build(config, max_new_tokens=max_new_tokens, **options)
     config.check_supported("speculative")
+    if is_encoder_decoder(target) or is_encoder_decoder(draft):
+        raise ValueError("speculative decoding supports decoder-only models; use generate() for encoder-decoders")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be one non-empty prompt of shape [1, T], got {tuple(input_ids.shape)}")
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
@@ -87,7 +89,7 @@ def speculative_generate(
 
     stats = SpeculativeStats()
     target_cache, draft_cache = full_length_cache(target, T + n_new), full_length_cache(draft, T + n_new)
-    first = int(prefill(target, input_ids, target_cache).argmax(-1))
+    first = int(prefill(target, input_ids, target_cache)[0].argmax(-1))
     stats.target_forwards += 1
     new = [first]  # generated tokens; the target cache holds every token but the last
     while len(new) < n_new and new[-1] not in eos:

@@ -17,7 +17,7 @@ from qkv.cache import KVCache
 
 def static_logits(model: torch.nn.Module, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache):
     """Logits [B, T, V] of input_ids [B, T] written at slots input_pos [T] of a static cache."""
-    return model(input_ids, cache=cache, input_pos=input_pos).logits
+    return model.decode(input_ids, cache, input_pos=input_pos)
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import torch
 
 from qkv.errors import GenerationOptionError, UsageError
 from qkv.generation.beam import beam_search
-from qkv.generation.decode import context_budget, decode_steps, resolve_eos
+from qkv.generation.decode import decode_steps, generation_budget, is_encoder_decoder, resolve_eos
 from qkv.generation.options import GenerationConfig
 from qkv.generation.stopping import StopStrings, find_stop
 
@@ -157,7 +157,7 @@ def _prepare(
             "call generate() for several sequences"
         )
     ids = encode_prompt(tokenizer, prompt, add_special_tokens)
-    n_new = context_budget(model.config.context_limit, len(ids), config.max_new_tokens)
+    n_new = generation_budget(model, len(ids), config.max_new_tokens)
     return config, ids, n_new, resolve_eos(config, model, tokenizer)
 
 
@@ -243,7 +243,8 @@ def _beam_completion(
     stop = StopStrings(tokenizer, config.stop) if config.stop else None
     out = beam_search(model, torch.tensor([ids], device=model.device), config, n_new, eos, stop=stop)
     end = time.perf_counter()
-    tokens, eos_hit = trim_at_eos(out[0, len(ids) :].tolist(), eos)
+    start = 1 if is_encoder_decoder(model) else len(ids)  # a seq2seq output continues the start token
+    tokens, eos_hit = trim_at_eos(out[0, start:].tolist(), eos)
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     hit = find_stop(text, config.stop) if config.stop else None
     if eos_hit is not None:

@@ -6,10 +6,11 @@ from qkv.config import ModelConfig
 from qkv.models.decoder import DecoderLM, early_exit_draft
 from qkv.models.encoder import Encoder
 from qkv.models.output import ModelOutput
+from qkv.models.seq2seq import EncoderDecoder
 from qkv.models.stack import TransformerStack
 
 # ModelConfig.family -> the class that builds it.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder, "seq2seq": EncoderDecoder}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -23,6 +24,7 @@ __all__ = [
     "MODEL_CLASSES",
     "DecoderLM",
     "Encoder",
+    "EncoderDecoder",
     "ModelOutput",
     "TransformerStack",
     "build_model",

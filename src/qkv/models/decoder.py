@@ -72,6 +72,22 @@ class DecoderLM(TransformerStack):
             last_hidden_state=x, logits=logits, loss=loss, hidden_states=out.hidden_states, attentions=out.attentions
         )
 
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of input_ids [B, T] after what the cache holds: the step every decoding
+        path runs (`qkv.models.protocol.GenerativeModel`)."""
+        out = self(
+            input_ids, attention_mask, position_ids, cache=cache, input_pos=input_pos, logits_to_keep=logits_to_keep
+        )
+        return out.logits
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **options: Any) -> torch.Tensor:
         """Autoregressive generation with a KV cache -> [B, T + new]. See `qkv.generation.generate`."""

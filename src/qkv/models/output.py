@@ -16,5 +16,9 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
     attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
-    cross_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S] (decoder -> encoder)
     pooler_output: torch.Tensor | None = None  # [B, D] (encoders with a pooler: BERT)
+    # Encoder-decoder models: the decoder's outputs above, the encoder's here.
+    encoder_last_hidden_state: torch.Tensor | None = None  # [B, S, D]
+    encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None

@@ -1,131 +1,20 @@
-"""Hugging Face `config.json` -> `ModelConfig`, per `model_type`, as data.
+"""Hugging Face `config.json` <-> `ModelConfig`, driven by the tables in `hf_families`.
 
-`HF_FAMILIES` says, for each supported model_type, which HF field feeds which qkv field and
-which layer types the family fixes. Older (4.x) and newer (5.x) spellings of RoPE settings are
-both read: top-level `rope_theta`/`rope_scaling`, or `rope_parameters`.
+The tables say, for each supported model_type, which HF field feeds which qkv field and which
+layer types the family fixes; this module applies them both ways and handles what is not a
+one-to-one field (RoPE in its 4.x and 5.x spellings, a BERT-family head from `architectures`,
+RoBERTa's padding positions, T5's head scaling).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from qkv.checkpoints.hf_families import GATED_ACTS, HF_ENCODER_ARCHITECTURES, HF_FAMILIES, PLAIN_ACTS
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
 
-_LLAMA_FIELDS = {
-    "vocab_size": "vocab_size",
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "d_ff": "intermediate_size",
-    "norm_eps": "rms_norm_eps",
-    "max_seq_len": "max_position_embeddings",
-    "tie_embeddings": "tie_word_embeddings",
-    "mlp_bias": "mlp_bias",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-}
-_LLAMA_FIXED = dict(family="decoder", norm="rmsnorm", mlp="swiglu", position="rope", tie_embeddings=False)
-
-HF_FAMILIES: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "fields": {
-            "vocab_size": "vocab_size",
-            "d_model": "n_embd",
-            "n_layers": "n_layer",
-            "n_heads": "n_head",
-            "d_ff": "n_inner",
-            "norm_eps": "layer_norm_epsilon",
-            "max_seq_len": "n_positions",
-            "tie_embeddings": "tie_word_embeddings",
-            "bos_token_id": "bos_token_id",
-            "eos_token_id": "eos_token_id",
-            "pad_token_id": "pad_token_id",
-        },
-        "fixed": dict(
-            family="decoder",
-            norm="layernorm",
-            position="learned",
-            qkv_bias=True,
-            attn_out_bias=True,
-            mlp_bias=True,
-            tie_embeddings=True,
-            mlp="gelu_tanh",
-            norm_eps=1e-5,
-        ),
-        "activation": "activation_function",
-        "unsupported_true": ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"),
-    },
-    "llama": {
-        "fields": {**_LLAMA_FIELDS, "qkv_bias": "attention_bias", "attn_out_bias": "attention_bias"},
-        "fixed": _LLAMA_FIXED,
-        "activation": "hidden_act",
-    },
-    "mistral": {
-        "fields": {**_LLAMA_FIELDS, "sliding_window": "sliding_window"},
-        "fixed": _LLAMA_FIXED,
-        "activation": "hidden_act",
-    },
-    "qwen2": {
-        "fields": _LLAMA_FIELDS,
-        "fixed": {**_LLAMA_FIXED, "qkv_bias": True},
-        "activation": "hidden_act",
-    },
-}
-
-# BERT-family encoders: one field table; RoBERTa and ELECTRA differ as data.
-_BERT_FIELDS = {
-    "vocab_size": "vocab_size",
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "d_ff": "intermediate_size",
-    "norm_eps": "layer_norm_eps",
-    "max_seq_len": "max_position_embeddings",
-    "type_vocab_size": "type_vocab_size",
-    "tie_embeddings": "tie_word_embeddings",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-}
-_BERT_FIXED = dict(
-    family="encoder", norm="layernorm", norm_position="post", position="learned", qkv_bias=True, attn_out_bias=True,
-    mlp_bias=True, embed_norm=True, tie_embeddings=True, mlp="gelu", norm_eps=1e-12, type_vocab_size=2,
-)  # fmt: skip
-for _model_type, _extra in (
-    ("bert", {}),
-    # RoBERTa: position ids skip padding and start at pad + 1, so the table has pad + 1 extra rows.
-    ("roberta", {"positions_from_padding": True}),
-    ("electra", {"fields": {**_BERT_FIELDS, "embedding_size": "embedding_size"}}),
-):
-    HF_FAMILIES[_model_type] = {
-        "fields": _BERT_FIELDS,
-        "fixed": _BERT_FIXED,
-        "activation": "hidden_act",
-        "unsupported_values": {"position_embedding_type": ("absolute", None)},
-        **_extra,
-    }
-
-# HF `architectures` -> the head on a BERT-family body (heads are chosen by architecture, not by
-# model_type). The bare model's tensors have no prefix; with a head they sit under "<model_type>.".
-HF_ENCODER_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "BertModel": dict(head="none", pooler=True),
-    "BertForMaskedLM": dict(head="mlm"),
-    "BertForSequenceClassification": dict(head="classification", pooler=True, classifier="pooler"),
-    "BertForTokenClassification": dict(head="token_classification"),
-    "RobertaModel": dict(head="none", pooler=True),
-    "RobertaForMaskedLM": dict(head="mlm"),
-    "RobertaForSequenceClassification": dict(head="classification", classifier="dense_tanh"),
-    "RobertaForTokenClassification": dict(head="token_classification"),
-    "ElectraModel": dict(head="none"),
-    "ElectraForPreTraining": dict(head="rtd"),
-    "ElectraForMaskedLM": dict(head="mlm"),
-    "ElectraForSequenceClassification": dict(head="classification", classifier="dense_gelu"),
-    "ElectraForTokenClassification": dict(head="token_classification"),
-}
+__all__ = ["HF_ENCODER_ARCHITECTURES", "HF_FAMILIES", "config_from_hf", "config_to_hf", "hf_model_type"]
 
 
 def hf_tensor_prefix(architecture: str, model_type: str) -> str:
@@ -154,70 +43,6 @@ def _encoder_values(hf: dict[str, Any], model_type: str, family: dict[str, Any],
     return {**values, "extra_architecture": arch}
 
 
-# Encoder-decoders. BART and Marian share one field table; T5 has its own names.
-_BART_FIELDS = {
-    "vocab_size": "vocab_size",
-    "d_model": "d_model",
-    "n_layers": "encoder_layers",
-    "n_decoder_layers": "decoder_layers",
-    "n_heads": "encoder_attention_heads",
-    "d_ff": "encoder_ffn_dim",
-    "max_seq_len": "max_position_embeddings",
-    "scale_embeddings": "scale_embedding",
-    "tie_embeddings": "tie_word_embeddings",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-    "pad_token_id": "pad_token_id",
-    "decoder_start_token_id": "decoder_start_token_id",
-}
-# BART: learned positions offset by 2 (fairseq's padding rows), an embedding LayerNorm, post-norm.
-_BART_FIXED = dict(
-    family="seq2seq", norm="layernorm", norm_eps=1e-5, norm_position="post", position="learned", position_offset=2,
-    embed_norm=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True, final_logits_bias=True, mlp="gelu",
-)  # fmt: skip
-# The decoder may not differ from the encoder in these (qkv's two stacks share one config).
-_BART_SAME = {"decoder_attention_heads": "encoder_attention_heads", "decoder_ffn_dim": "encoder_ffn_dim"}
-HF_FAMILIES["bart"] = {"fields": _BART_FIELDS, "fixed": _BART_FIXED, "activation": "activation_function",
-                       "same_as": _BART_SAME, "architecture": "BartForConditionalGeneration"}  # fmt: skip
-# Marian (the original Transformer's layout): sinusoidal positions with sin and cos in halves.
-HF_FAMILIES["marian"] = {
-    "fields": _BART_FIELDS,
-    "fixed": {**_BART_FIXED, "position": "sinusoidal", "sinusoid_layout": "halves", "position_offset": 0,
-              "embed_norm": False},
-    "activation": "activation_function",
-    "same_as": {**_BART_SAME, "decoder_vocab_size": "vocab_size"},
-    "unsupported_values": {"share_encoder_decoder_embeddings": (True, None)},
-    "architecture": "MarianMTModel",
-}  # fmt: skip
-HF_FAMILIES["t5"] = {
-    "fields": {
-        "vocab_size": "vocab_size",
-        "d_model": "d_model",
-        "n_layers": "num_layers",
-        "n_decoder_layers": "num_decoder_layers",
-        "n_heads": "num_heads",
-        "head_dim": "d_kv",
-        "d_ff": "d_ff",
-        "norm_eps": "layer_norm_epsilon",
-        "max_seq_len": "n_positions",
-        "relative_buckets": "relative_attention_num_buckets",
-        "relative_max_distance": "relative_attention_max_distance",
-        "tie_embeddings": "tie_word_embeddings",
-        "scale_decoder_output": "scale_decoder_outputs",
-        "eos_token_id": "eos_token_id",
-        "pad_token_id": "pad_token_id",
-        "decoder_start_token_id": "decoder_start_token_id",
-    },
-    # T5 (Raffel et al. 2020): RMSNorm without bias, pre-norm, no biases, unscaled attention.
-    "fixed": dict(family="seq2seq", norm="rmsnorm", norm_eps=1e-6, norm_position="pre", position="t5",
-                  attn_scale=1.0, mlp="relu", scale_decoder_output=True, max_seq_len=512),
-    "activation": "feed_forward_proj",
-    # `feed_forward_proj` sets both the gating and the activation ("gated-gelu" is T5 v1.1's).
-    "activations": {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu_tanh", "gated-silu": "swiglu"},
-    "architecture": "T5ForConditionalGeneration",
-}  # fmt: skip
-
-
 def _seq2seq_values(hf: dict[str, Any], model_type: str, family: dict[str, Any], origin: str) -> dict[str, Any]:
     """Encoder-decoder settings that are not one-to-one fields."""
     for theirs, ours in family.get("same_as", {}).items():
@@ -233,18 +58,6 @@ def _seq2seq_values(hf: dict[str, Any], model_type: str, family: dict[str, Any],
         # transformers 4.x: the head is rescaled exactly when it is tied (v1.0 yes, v1.1 no).
         values["scale_decoder_output"] = hf.get("tie_word_embeddings") is not False
     return values
-
-
-# HF activation names -> qkv `mlp` for plain and gated families.
-_PLAIN_ACTS = {
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu": "gelu",
-    "relu": "relu",
-    "swish": "silu",
-    "silu": "silu",
-}
-_GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:
@@ -298,7 +111,7 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
     act = hf.get(family["activation"])
     if act is not None:
         gated = values["mlp"] in ("swiglu", "geglu", "geglu_tanh")
-        table = family.get("activations") or (_GATED_ACTS if gated else _PLAIN_ACTS)
+        table = family.get("activations") or (GATED_ACTS if gated else PLAIN_ACTS)
         if act not in table:
             raise CheckpointError(f"{origin}: activation {act!r} is not supported; supported: {', '.join(table)}")
         values["mlp"] = table[act]
@@ -346,7 +159,7 @@ def hf_model_type(cfg: ModelConfig) -> str:
         )
         if gpt2_like:
             return "gpt2"
-        if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in _GATED_ACTS.values():
+        if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp in GATED_ACTS.values():
             if cfg.sliding_window:
                 if not (cfg.qkv_bias or cfg.attn_out_bias or cfg.mlp_bias):
                     return "mistral"
@@ -391,7 +204,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf: dict[str, Any] = {"model_type": model_type}
     for ours, theirs in family["fields"].items():
         hf[theirs] = getattr(cfg, ours)
-    acts = family.get("activations") or (_GATED_ACTS if cfg.gated_mlp else _PLAIN_ACTS)
+    acts = family.get("activations") or (GATED_ACTS if cfg.gated_mlp else PLAIN_ACTS)
     hf[family["activation"]] = next(k for k, v in acts.items() if v == cfg.mlp)
     for theirs, ours in family.get("same_as", {}).items():
         hf[theirs] = hf[ours]

@@ -33,3 +33,26 @@ def test_bert_attention_maps_are_bidirectional(tmp_path, capsys):
         ref = torch.stack([a[0] for a in hf(ids, output_attentions=True).attentions])
     assert (weights - ref).abs().max().item() <= 1e-5
     assert weights[:, :, 0, -1].min().item() > 0  # the first token attends to the last: no causal mask
+
+
+def test_t5_cross_attention_maps_are_target_by_source(tmp_path, capsys):
+    tok = train_tokenizer(kind="bpe", texts=["translate the cat to a dog"] * 10, vocab_size=280, show_progress=False)
+    config = transformers.T5Config(
+        vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        attn_implementation="eager",  # returns attention weights
+    )
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "t5")
+    tok.save(tmp_path / "t5")
+    out = tmp_path / "cross.png"
+    argv = ["attention", str(tmp_path / "t5"), "--prompt", "the cat", "--target", "a dog", "--out", str(out)]
+    assert main(argv) == 0 and out.read_bytes()[:4] == b"\x89PNG"
+    source, target = torch.tensor([tok.encode("the cat")]), torch.tensor([[0, *tok.encode("a dog")]])
+    weights = attention_maps(qkv.load(tmp_path / "t5"), source, target, kind="cross")
+    with torch.no_grad():
+        ref = torch.stack([a[0] for a in hf(source, decoder_input_ids=target, output_attentions=True).cross_attentions])
+    assert weights.shape == (2, 4, target.shape[1], source.shape[1])
+    assert (weights - ref).abs().max().item() <= 1e-5
+    assert main(["attention", str(tmp_path / "t5"), "--prompt", "the cat"]) == 2  # no --target: exit 2
+    assert "--target" in capsys.readouterr().err

@@ -1,18 +1,35 @@
-"""`qkv attention MODEL --prompt TEXT --out map.png`: draw the attention weights of every layer/head."""
+"""`qkv attention MODEL --prompt TEXT --out map.png`: draw the attention weights of every layer/head.
+
+For an encoder-decoder, --prompt is the source and --target the decoder's text; --kind chooses
+the decoder's self-attention, the encoder's, or the cross-attention (target rows x source columns).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from qkv.cli.args import add_model_argument
+from qkv.errors import UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="draw attention maps for a prompt", description=__doc__)
-    p.add_argument("model", metavar="MODEL", help="a checkpoint directory or known model name")
-    p.add_argument("--prompt", required=True)
+    add_model_argument(p)
+    p.add_argument("--prompt", required=True, help="the text (an encoder-decoder's source)")
+    p.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
+    p.add_argument("--kind", choices=("self", "encoder", "cross"), default=None,
+                   help="encoder-decoders: which attention to draw (default: cross)")  # fmt: skip
     p.add_argument("--out", default="attention.png", help="PNG file to write (default: attention.png)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="layers to draw (default: all)")
     p.add_argument("--heads", type=int, nargs="*", default=None, help="heads to draw (default: all)")
     p.set_defaults(func=run)
+
+
+def _ids(tok, text: str, flag: str) -> list[int]:
+    ids = tok.encode(text)
+    if not ids:
+        raise UsageError(f"{flag} encodes to no tokens; give a non-empty {flag}")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,12 +41,25 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model).eval()
     tok = model.tokenizer
     if tok is None:
-        raise ValueError(f"{args.model} carries no tokenizer, so the prompt cannot be encoded")
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
-    weights = attention_maps(model, torch.tensor([ids]))
-    tokens = [tok.decode([i]) for i in ids]
-    path = plot_attention(weights, tokens, args.out, layers=args.layers, heads=args.heads, title=args.prompt[:60])
+        raise UsageError(f"{args.model} carries no tokenizer, so the prompt cannot be encoded")
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    if seq2seq and args.target is None:
+        raise UsageError("this is an encoder-decoder model: give the decoder's text with --target")
+    if not seq2seq and (args.target is not None or args.kind is not None):
+        raise UsageError("--target and --kind apply to encoder-decoder models only")
+    source = _ids(tok, args.prompt, "--prompt")
+    labels = lambda ids: [tok.decode([i]) for i in ids]  # noqa: E731
+    if seq2seq:
+        kind = args.kind or "cross"
+        target = model.decoder_start_ids(1)[0].tolist() + _ids(tok, args.target, "--target")
+        weights = attention_maps(model, torch.tensor([source]), torch.tensor([target]), kind)
+        rows, cols = {"self": (target, target), "encoder": (source, source), "cross": (target, source)}[kind]
+    else:
+        weights = attention_maps(model, torch.tensor([source]))
+        rows = cols = source
+    path = plot_attention(
+        weights, labels(rows), args.out, layers=args.layers, heads=args.heads, title=args.prompt[:60],
+        key_tokens=labels(cols),
+    )  # fmt: skip
     print(f"attention map ({weights.shape[0]} layers x {weights.shape[1]} heads) written to {path}")
     return 0

@@ -9,14 +9,35 @@ import torch
 
 from qkv.atomic import atomic_path
 
+KINDS = ("self", "encoder", "cross")
+
 
 @torch.no_grad()
-def attention_maps(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Attention weights of every layer for one sequence: input_ids [1, T] -> [L, H, T, T]."""
+def attention_maps(
+    model: torch.nn.Module, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None, kind: str = "self"
+) -> torch.Tensor:
+    """Attention weights of every layer for one sequence: input_ids [1, T] -> [L, H, T, T].
+
+    Encoder-decoders take the source as input_ids [1, S] and the target as target_ids [1, T]:
+    kind "self" gives the decoder's maps [L, H, T, T], "encoder" the encoder's [L, H, S, S] and
+    "cross" the decoder-to-source maps [L, H, T, S].
+    """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"attention_maps takes one sequence of shape [1, T], got {tuple(input_ids.shape)}")
-    out = model(input_ids, output_attentions=True)
-    return torch.stack([a[0].float() for a in out.attentions])
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
+    seq2seq = getattr(model, "is_encoder_decoder", False)
+    if seq2seq != (target_ids is not None) or (kind != "self" and not seq2seq):
+        raise ValueError(
+            "an encoder-decoder needs target_ids (the decoder's tokens) and offers kinds self, encoder and cross; "
+            "other models take input_ids alone and offer kind='self'"
+        )
+    if seq2seq:
+        out = model(input_ids, decoder_input_ids=target_ids, output_attentions=True)
+        chosen = {"self": out.attentions, "encoder": out.encoder_attentions, "cross": out.cross_attentions}[kind]
+    else:
+        chosen = model(input_ids, output_attentions=True).attentions
+    return torch.stack([a[0].float() for a in chosen])
 
 
 def _select(n: int, chosen: Sequence[int] | None, what: str) -> list[int]:
@@ -35,6 +56,7 @@ def plot_attention(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     title: str | None = None,
+    key_tokens: Sequence[str] | None = None,
 ) -> str:
     """Draw weights [L, H, T, T] as a grid (rows: layers, columns: heads) and save a PNG atomically.
 
@@ -45,22 +67,26 @@ def plot_attention(
     from matplotlib.figure import Figure
 
     L, H, T, S = weights.shape
-    if len(tokens) != T:
-        raise ValueError(f"got {len(tokens)} token labels for attention over {T} positions")
+    key_tokens = tokens if key_tokens is None else key_tokens
+    if len(tokens) != T or len(key_tokens) != S:
+        raise ValueError(
+            f"got {len(tokens)} query and {len(key_tokens)} key token labels for attention of {T} x {S} positions"
+        )
     rows, cols = _select(L, layers, "layer"), _select(H, heads, "head")
     cell = max(1.6, min(0.28 * T, 6.0))
     fig = Figure(figsize=(cell * len(cols) + 1, cell * len(rows) + 1))
     FigureCanvasAgg(fig)  # no pyplot: no display needed, the caller's backend is left alone
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
     labels = [t.replace("\n", "\\n") for t in tokens]
-    show_labels = T <= 48
+    key_labels = [t.replace("\n", "\\n") for t in key_tokens]
+    show_labels = max(T, S) <= 48
     for r, layer in enumerate(rows):
         for c, head in enumerate(cols):
             ax = axes[r][c]
             ax.imshow(weights[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(f"layer {layer} · head {head}", fontsize=8)
             if show_labels:
-                ax.set_xticks(range(S), labels, rotation=90, fontsize=6)
+                ax.set_xticks(range(S), key_labels, rotation=90, fontsize=6)
                 ax.set_yticks(range(T), labels, fontsize=6)
             else:
                 ax.set_xticks([])

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qkv.cli.main import main
 from qkv.generation.text import complete
@@ -152,3 +153,38 @@ def test_exit_code_of_the_process(checkpoint):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == "qkv generate: error: argument --top-k: -3 must be >= 0"
+
+
+@pytest.fixture(scope="module")
+def t5_checkpoint(tmp_path_factory):
+    """A tiny random T5 saved by transformers, with a trained tokenizer beside it."""
+    transformers = pytest.importorskip("transformers")
+    from qkv.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(kind="bpe", texts=CORPUS, vocab_size=300, show_progress=False)
+    config = transformers.T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=1, eos_token_id=tok.eos_token_id, pad_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(config).eval()
+    path = tmp_path_factory.mktemp("t5") / "t5"
+    hf.save_pretrained(path)
+    tok.save(path)
+    return path, hf, tok
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_seq2seq_source_text_to_target_text(t5_checkpoint, capsys, beams):
+    """For an encoder-decoder the prompt is the source; the printed text is HF generate's target."""
+    path, hf, tok = t5_checkpoint
+    ids = torch.tensor([tok.encode(PROMPT)])
+    eos = tok.eos_token_id  # the tokenizer's EOS, which the text layer stops at
+    ref = hf.generate(ids, max_new_tokens=8, num_beams=beams, do_sample=False, eos_token_id=eos, pad_token_id=1)[0]
+    new = ref[1:].tolist()  # after the decoder start token
+    new = new[: new.index(eos)] if eos in new else new
+    assert len(new) >= 2  # a real continuation, not an immediate EOS
+    code, out, _ = qkv(capsys, "generate", path, "--prompt", PROMPT, "-n", 8, "--num-beams", beams, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["token_ids"] == new and data["text"] == tok.decode(new, skip_special_tokens=True)
+    if beams == 1:
+        streamed = qkv(capsys, "generate", path, "--prompt", PROMPT, "-n", 8, "--stream")[1]
+        assert streamed == data["text"] + "\n"

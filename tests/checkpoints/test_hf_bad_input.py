@@ -10,8 +10,8 @@ import pytest
 
 from oracle import make_hf_model
 from qkv.checkpoints.hf import load_hf
-from qkv.checkpoints.safetensors_io import read_header
 from qkv.errors import CheckpointError
+from qkv.formats.safetensors import read_header
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ The metadata becomes a `ModelConfig` through the `HPARAMS` table; tensor names m
 through `GGUF_KEYMAPS` (checkpoints/keymaps.py). Every tensor (F32, F16, BF16, Q4_0/1, Q5_0/1,
 Q8_0, Q2_K..Q6_K) is dequantized straight into its place in the model's tensors, in `dtype`:
 Q, K and V into their rows of the fused `qkv_proj`, gate and up into the fused `up`, with no
-intermediate copy (`gguf_reader.GGUFFile.tensor(name, out=...)`). The model is built on the meta
+intermediate copy (`qkv.formats.gguf.GGUFFile.tensor(name, out=...)`). The model is built on the meta
 device and the tensors are assigned in place (`checkpoints.materialize`), so loading never pays
 for a random initialisation.
 
@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from qkv.checkpoints.convert import expand_rules, to_qkv_state_dict
-from qkv.checkpoints.gguf_reader import GGUFFile, TensorInfo, read_gguf
 from qkv.checkpoints.keymaps import GGUF_KEYMAPS, IGNORED_SUFFIXES
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.formats.gguf import GGUFFile, TensorInfo, read_gguf
 from qkv.models import DecoderLM
 from qkv.nn.position import rope_inv_freq
 

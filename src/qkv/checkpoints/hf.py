@@ -25,9 +25,9 @@ from qkv.checkpoints.hf_config import (
 )
 from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keymap
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
-from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 
 
 def is_hf_dir(path: Path) -> bool:

@@ -27,9 +27,9 @@ from torch import nn
 
 from qkv.atomic import atomic_directory, backup_path, check_replaceable
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
-from qkv.checkpoints.safetensors_io import SafetensorsFile, save_safetensors
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 
 FORMAT = "qkv"
 FORMAT_VERSION = 1

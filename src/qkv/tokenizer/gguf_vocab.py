@@ -30,7 +30,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as Engine
 from tokenizers.models import BPE
 
-from qkv.errors import TokenizerError
+from qkv.errors import CheckpointError, TokenizerError
+from qkv.formats.gguf import read_gguf
 from qkv.tokenizer.base import Tokenizer
 from qkv.tokenizer.byte_level import ALPHABET, bytes_to_piece
 from qkv.tokenizer.tiktoken_format import ENCODINGS
@@ -92,9 +93,6 @@ PRE_TOKENIZATIONS: dict[str, PreTokenization] = {
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``tokenizer.*`` metadata of a GGUF file as Python values; TokenizerError if unreadable."""
-    from qkv.checkpoints.gguf_reader import read_gguf
-    from qkv.errors import CheckpointError
-
     path = Path(path)
     if not path.is_file():
         raise TokenizerError(f"GGUF file {path} does not exist")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qkv.checkpoints.gguf_reader import TORCH_KERNELS, read_gguf
+from qkv.formats.gguf import TORCH_KERNELS, read_gguf
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

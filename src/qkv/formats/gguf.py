@@ -14,7 +14,7 @@ a library. The file is memory-mapped read-only; tensor bytes are read only when 
     f.tensor("blk.0.attn_q.weight", out=w)   # dequantized straight into `w` (a slice or view)
 
 The common tensor types (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are dequantized by vectorised torch
-code, bit for bit as `gguf.quants.dequantize` does (tests/checkpoints/test_gguf_reader.py); the
+code, bit for bit as `gguf.quants.dequantize` does (tests/formats/test_gguf_reader.py); the
 others go through `gguf.quants`' numpy reference.
 """
 

@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+import torch
 
 from oracle import make_hf_model
 from qkv.checkpoints.hf import load_hf
@@ -137,6 +138,21 @@ def test_bad_config(saved, tmp_path, edit, match):
     assert "config.json" in str(err.value)
 
 
+def test_auto_map_of_a_supported_model_type_warns_and_runs_no_code(saved, tmp_path):
+    """A llama checkpoint that names custom code: qkv loads it with its own llama, says that it does not
+    run the code, and the code (which would leave a marker file if imported) never runs."""
+    _copy(saved, tmp_path)
+    marker = tmp_path / "code-ran.txt"
+    (tmp_path / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = tmp_path / "config.json"
+    auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "auto_map": auto_map}))
+    said = r"auto_map names custom Python code \(AutoModelForCausalLM\); qkv does not run it"
+    with pytest.warns(UserWarning, match=said):
+        model = load_hf(tmp_path)
+    assert model.config.n_layers == 2 and not marker.exists()
+
+
 def test_wrong_shapes(saved, tmp_path):
     _copy(saved, tmp_path)
     cfg = tmp_path / "config.json"
@@ -160,17 +176,38 @@ def test_missing_and_extra_tensors(saved, tmp_path):
         load_hf(tmp_path)
 
 
-def test_pickle_bin_is_refused(saved, tmp_path):
-    import pickle
+class Evil:
+    """Unpickling this runs `exec`, which writes `marker` (a stand-in for any payload)."""
 
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_pickle_bin_that_runs_code_is_refused_and_nothing_runs(saved, tmp_path, zip_format):
+    """A real torch.save file whose unpickling runs code: qkv refuses it and the code does not run.
+    The last lines show the file is a working exploit, so the test would fail without weights_only."""
     (tmp_path / "config.json").write_bytes((saved / "config.json").read_bytes())
+    marker = tmp_path / "code-ran.txt"
+    weights = tmp_path / "pytorch_model.bin"
+    torch.save({"model.embed_tokens.weight": Evil(marker)}, weights, _use_new_zipfile_serialization=zip_format)
+    start = time.perf_counter()
+    refused = r"pytorch_model\.bin: refused or unreadable as weights-only data \(Unsupported global: GLOBAL exec "
+    with pytest.raises(CheckpointError, match=refused):
+        load_hf(tmp_path)
+    assert time.perf_counter() - start < 1.0
+    assert not marker.exists()
+    torch.load(weights, weights_only=False)  # what qkv must never do
+    assert marker.read_text() == "ran"
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
 
-    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(CheckpointError, match="never unpickles"):
+def test_bin_holding_something_else_than_a_state_dict(saved, tmp_path):
+    (tmp_path / "config.json").write_bytes((saved / "config.json").read_bytes())
+    torch.save([torch.zeros(2)], tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin holds a list, not a state dict of named tensors"):
         load_hf(tmp_path)
 
 

@@ -16,7 +16,7 @@ import importlib.util, json, sys, types
 package = types.ModuleType("qkv")
 package.__path__ = list(importlib.util.find_spec("qkv").submodule_search_locations)
 sys.modules["qkv"] = package  # qkv/__init__.py not run
-import qkv.formats.gguf, qkv.formats.safetensors, qkv.tokenizer, qkv.tokenizer.gguf_vocab
+import qkv.formats.gguf, qkv.formats.jsonfile, qkv.formats.safetensors, qkv.tokenizer, qkv.tokenizer.gguf_vocab
 print(json.dumps(sorted(m for m in sys.modules if m.startswith("qkv."))))
 """
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from qkv.checkpoints.convert import expand_rules, to_qkv_state_dict
+from qkv.checkpoints.fit import check_config_fits
 from qkv.checkpoints.keymaps import GGUF_KEYMAPS, IGNORED_SUFFIXES
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
 from qkv.config import ModelConfig
@@ -134,6 +135,9 @@ def _llama3_scaling(factors: np.ndarray, values: dict[str, Any], origin: str) ->
         f"{origin}: {ROPE_FREQS} holds RoPE frequency factors that match no Llama 3 scaling qkv can express "
         "(factor >= 1, low_freq_factor=1, high_freq_factor=4, original context 8192)"
     )
+    head_dim = values.get("head_dim") or values["d_model"] // max(values["n_heads"], 1)
+    if factors.shape != (head_dim // 2,):  # compared first: computing the frequencies costs head_dim
+        raise CheckpointError(f"{problem}: {factors.size} factors; the head size {head_dim} needs {head_dim // 2}")
     try:
         cfg = ModelConfig(**values, rope_scaling=scaling)
     except ValueError as exc:
@@ -296,6 +300,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -
     cfg = config_from_gguf(file)
     origin = str(file.path)
     arch = cfg.extra["gguf_architecture"]
+    shapes = {name: info.shape for name, info in file.tensors.items()}
+    check_config_fits(cfg, shapes, (name for rule in GGUF_KEYMAPS[arch] for name in rule.sources), origin)
     permuted = {kind: getattr(cfg, field) for kind, field in ARCHITECTURES[arch]["rope_permuted"].items()}
     expected = {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()}
     state = {}

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from torch import nn
 
 from qkv.atomic import atomic_directory, check_replaceable
 from qkv.checkpoints.convert import from_qkv_state_dict, to_qkv_state_dict
+from qkv.checkpoints.fit import check_config_fits
 from qkv.checkpoints.hf_config import (
     HF_FAMILIES,
     config_from_hf,
@@ -27,6 +31,7 @@ from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keyma
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 
 
@@ -36,25 +41,34 @@ def is_hf_dir(path: Path) -> bool:
     if not (path.is_dir() and cfg.is_file()):
         return False
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = parse_json(cfg.read_bytes(), str(cfg))
+    except (OSError, CheckpointError):
         return True  # let `read_hf_config` report the broken file
     return isinstance(data, dict) and "model_type" in data
 
 
 def read_hf_config(path: Path) -> tuple[dict, ModelConfig]:
-    """The raw config.json dict and its `ModelConfig`."""
+    """The raw config.json dict and its `ModelConfig`.
+
+    A config.json with `auto_map` names Python files of its own; qkv never imports or runs them. It
+    is refused when its model_type is not one qkv implements, and loaded with a warning otherwise.
+    """
     file = path / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory needs one") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
-    if isinstance(raw, dict) and raw.get("auto_map") and raw.get("model_type") not in HF_FAMILIES:
-        raise CheckpointError(
-            f"{file}: this checkpoint needs its own Python code (auto_map); qkv never runs code from a model "
-            f"directory. Supported model types: {', '.join(sorted(HF_FAMILIES))}"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint directory needs one")
+    raw = read_json(file, "Hugging Face config")
+    auto_map = raw.get("auto_map")
+    if auto_map:
+        code = ", ".join(sorted(map(str, auto_map))) if isinstance(auto_map, dict) else "custom code"
+        if raw.get("model_type") not in HF_FAMILIES:
+            raise CheckpointError(
+                f"{file}: this checkpoint needs its own Python code (auto_map: {code}); qkv never runs code "
+                f"from a model directory. Supported model types: {', '.join(sorted(HF_FAMILIES))}"
+            )
+        warnings.warn(
+            f"{file}: auto_map names custom Python code ({code}); qkv does not run it and loads the weights "
+            f"with its own {raw['model_type']} implementation (outputs differ if that code changes the model)",
+            stacklevel=3,
         )
     return raw, config_from_hf(raw, origin=str(file))
 
@@ -65,13 +79,13 @@ class _TensorSource:
     def __init__(self, path: Path) -> None:
         self.files: dict[str, SafetensorsFile | dict[str, torch.Tensor]] = {}
         self.where: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f'safetensors index {index} needs a "weight_map" object of tensor -> shard file')
             for name, shard in weight_map.items():
                 shard_path = (path / shard).resolve()
                 if shard_path.parent != path.resolve():
@@ -80,22 +94,18 @@ class _TensorSource:
                     raise CheckpointError(f"{index}: shard {shard} is missing")
                 if shard not in self.files:
                     self.files[shard] = SafetensorsFile(shard_path)
-                if name not in self.files[shard].names():
+                shard_shapes = self.files[shard].shapes()
+                if name not in shard_shapes:
                     raise CheckpointError(f"{index}: {name} is not in shard {shard}")
-                self.where[name] = shard
+                self.where[name], self.shapes[name] = shard, shard_shapes[name]
         elif single.is_file():
             self.files["model.safetensors"] = f = SafetensorsFile(single)
-            self.where = dict.fromkeys(f.names(), "model.safetensors")
+            self.shapes = f.shapes()
+            self.where = dict.fromkeys(self.shapes, "model.safetensors")
         elif (path / "pytorch_model.bin").is_file():
-            # Read as data only: weights_only refuses any pickled object that is not a tensor/container.
-            try:
-                state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{path / 'pytorch_model.bin'}: refused or unreadable as weights-only data ({exc}); "
-                    "qkv never unpickles arbitrary objects — convert the checkpoint to safetensors"
-                ) from None
+            state = _load_weights_only(path / "pytorch_model.bin")
             self.files["pytorch_model.bin"] = state
+            self.shapes = {name: tuple(t.shape) for name, t in state.items()}
             self.where = dict.fromkeys(state, "pytorch_model.bin")
         else:
             raise CheckpointError(
@@ -120,6 +130,31 @@ def hf_keymap(cfg: ModelConfig, model_type: str, architecture: str | None = None
     return HF_KEYMAPS[model_type]
 
 
+def _load_weights_only(file: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin state dict, unpickled as data only: `weights_only=True` refuses every
+    object that is not a tensor or a plain container, so no code in the file runs. Zip files (what
+    torch.save writes since 1.6) are memory-mapped; older ones, a bare pickle stream, are read whole."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as exc:  # the unpickler's refusals and torch's format errors alike
+        raise CheckpointError(
+            f"{file}: refused or unreadable as weights-only data ({_why(exc)}); qkv never unpickles arbitrary "
+            "objects — convert the checkpoint to safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
+
+
+def _why(exc: Exception) -> str:
+    """The sentence of torch.load's many-line message that says what was wrong with the file."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error: ")), lines[0] if lines else "")
+    return line.removeprefix("WeightsUnpickler error: ").split(". ")[0] or type(exc).__name__
+
+
 def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Load a Hugging Face checkpoint directory into the matching qkv model (fp32 unless `dtype`)."""
     path = Path(path)
@@ -129,10 +164,11 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
         cfg = cfg.replace(pooler=False)  # e.g. BertModel(add_pooling_layer=False)
     if raw["model_type"] == "t5" and not cfg.tie_embeddings and "lm_head.weight" not in source.names():
         cfg = cfg.replace(tie_embeddings=True)  # transformers 5 always ties T5's head (and saves none)
+    rules = hf_keymap(cfg, raw["model_type"], cfg.extra.get("hf_architecture"))
+    check_config_fits(cfg, source.shapes, (name for rule in rules for name in rule.sources), str(path))
     meta = build_on_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     tied = tuple(tied_aliases(meta))
-    rules = hf_keymap(cfg, raw["model_type"], cfg.extra.get("hf_architecture"))
     state = to_qkv_state_dict(
         source, source.names(), rules, expected, cfg.n_layers, origin=str(path), tied=tied,
         n_decoder_layers=cfg.n_decoder_layers,

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from qkv.atomic import atomic_directory, backup_path, check_replaceable
+from qkv.checkpoints.fit import check_config_fits
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 
 FORMAT = "qkv"
@@ -37,6 +39,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_STATE_FILE = "training_state.pt"
+# qkv's own names of a layer's tensors: blocks.{i}. in a decoder or encoder; encoder.blocks.{i}.
+# and decoder.blocks.{j}. in an encoder-decoder (`checkpoints.fit` counts the layers by them).
+LAYER_PATTERNS = ("blocks.{i}.", "encoder.blocks.{i}.", "decoder.blocks.{j}.")
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -79,9 +84,10 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
     """True if `path` is a directory whose config.json says "format": "qkv" (nothing else is checked)."""
     file = Path(path) / CONFIG_FILE
     try:
-        return json.loads(file.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        data = parse_json(file.read_bytes(), str(file))
+    except (OSError, CheckpointError):
         return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
 
 
 def read_native_config(path: str | os.PathLike) -> ModelConfig:
@@ -91,12 +97,7 @@ def read_native_config(path: str | os.PathLike) -> ModelConfig:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path} is not a qkv checkpoint: {file} is missing")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{file} is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    data = read_json(file, "qkv checkpoint config", expect=object)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f'{file} is not a qkv checkpoint config: expected "format": "qkv", found {found!r}')
@@ -141,6 +142,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint has no weights")
     weights = SafetensorsFile(file)  # header validated against the file before any tensor is read
+    check_config_fits(cfg, weights.shapes(), LAYER_PATTERNS, str(file))
     meta = build_on_meta(cfg)
     aliases = tied_aliases(meta)
     _check_tensors(file, weights.header, {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases})

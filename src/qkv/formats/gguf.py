@@ -40,6 +40,7 @@ from qkv.errors import CheckpointError
 _MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts; v2 and v3 share the little-endian layout
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ELEMENTS = 2**63  # llama.cpp reads sizes as int64 (`gguf_init_from_file`), as PyTorch does
 _MAX_NESTING = 4  # arrays of arrays of ...: deeper is not a real file, and would recurse unboundedly
 
 _T = GGUFValueType
@@ -296,7 +297,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
 
     Raises CheckpointError (naming the file and the problem) for a bad magic or version, a count
     or length larger than the file can hold, a truncated file, an unknown value or tensor type, a
-    misaligned tensor, or tensor data that runs past the end of the file or overlaps another's.
+    tensor size of 2^63 or more (even next to a zero), a misaligned tensor, or tensor data that
+    runs past the end of the file or overlaps another's.
     Only reads; nothing is written.
     """
     path = Path(path)
@@ -340,6 +342,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.error(f"tensor {name!r} at byte {at} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
         dims = [cur.unpack("<Q", f"dimension of tensor {name}") for _ in range(n_dims)]
+        if max(dims) >= MAX_ELEMENTS or math.prod(dims) >= MAX_ELEMENTS:  # checked even when a dim is 0
+            raise cur.error(
+                f"tensor {name!r} at byte {at} has dimensions {dims}: sizes and their product must stay below "
+                "2^63 (the tensor table is corrupt)"
+            )
         code = cur.unpack("<I", f"type of tensor {name}")
         try:
             qtype = GGMLQuantizationType(code)

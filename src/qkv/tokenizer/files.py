@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from qkv.errors import TokenizerError
+from qkv.formats import jsonfile
 
 
 def read_text(path: Path, what: str) -> str:
@@ -26,18 +26,6 @@ def read_text(path: Path, what: str) -> str:
 
 
 def read_json(path: Path, what: str, expect: type = dict) -> Any:
-    """Parse the JSON file ``path``; a TokenizerError says which file and where it is malformed."""
-    text = read_text(path, what)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(
-            f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
-            "(is the file truncated?)"
-        ) from None
-    if not isinstance(value, expect):
-        raise TokenizerError(
-            f"{what} {path} holds a JSON {type(value).__name__}, expected a JSON "
-            f"{'object' if expect is dict else expect.__name__}"
-        )
-    return value
+    """Parse the JSON file ``path``; a TokenizerError says which file and what is wrong with it
+    (missing, empty, not UTF-8, a syntax error with its line and column, nested too deeply)."""
+    return jsonfile.read_json(path, what, TokenizerError, expect)

@@ -8,7 +8,8 @@ tokenize as llama.cpp does (``src/llama-vocab.cpp``):
 
 - ``gpt2``: byte-level BPE with the stored merges, pre-tokenized by the regex ``pre`` names.
 - ``llama``: SentencePiece BPE. llama.cpp joins the adjacent pair whose join is the token with the
-  highest score, so every cut of a token into two tokens is a merge, ranked by score. Characters
+  highest score, so every cut of a token into two tokens is a merge, ranked by score
+  (:mod:`qkv.tokenizer.merges`, which also bounds the token lengths and the work). Characters
   no token covers fall back to ``<0xNN>`` byte tokens. Spaces are ``▁`` and every run of text gets a
   leading ``▁`` (llama.cpp adds it at the start and after each special token, as SentencePiece's
   ``add_dummy_prefix``).
@@ -34,6 +35,7 @@ from qkv.errors import CheckpointError, TokenizerError
 from qkv.formats.gguf import read_gguf
 from qkv.tokenizer.base import Tokenizer
 from qkv.tokenizer.byte_level import ALPHABET, bytes_to_piece
+from qkv.tokenizer.merges import check_token_lengths, merges_from_vocab
 from qkv.tokenizer.tiktoken_format import ENCODINGS
 
 # gguf.TokenType
@@ -119,6 +121,7 @@ def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str = "GGUF me
     tokens = fields.require("tokenizer.ggml.tokens", list)
     if not tokens or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError(f"{source}: tokenizer.ggml.tokens must be a non-empty list of strings")
+    check_token_lengths(tokens, f"{source}: tokenizer.ggml.tokens")
     types = fields.get("tokenizer.ggml.token_type", list) or [NORMAL] * len(tokens)
     fields.check_length("tokenizer.ggml.token_type", types, len(tokens))
 
@@ -201,20 +204,15 @@ def _byte_level_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> tup
 def _sentencepiece_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> Engine:
     scores = fields.require("tokenizer.ggml.scores", list)
     fields.check_length("tokenizer.ggml.scores", scores, len(tokens))
+    if not all(isinstance(s, numbers.Real) and not isinstance(s, bool) for s in scores):
+        raise TokenizerError(f"{fields.source}: tokenizer.ggml.scores must be a list of numbers")
     vocab = {token: i for i, token in enumerate(tokens)}
     missing_bytes = [b for b in range(256) if f"<0x{b:02X}>" not in vocab]
     if missing_bytes and BYTE in types:
         raise TokenizerError(
             f"{fields.source}: byte tokens <0x{missing_bytes[0]:02X}> ... are missing from tokenizer.ggml.tokens"
         )
-    ranked = []
-    for token, token_id in vocab.items():
-        for cut in range(1, len(token)):
-            left_id, right_id = vocab.get(token[:cut]), vocab.get(token[cut:])
-            if left_id is not None and right_id is not None:
-                ranked.append((-scores[token_id], token_id, left_id, right_id))
-    ranked.sort()
-    merges = [(tokens[left], tokens[right]) for _, _, left, right in ranked]
+    merges = merges_from_vocab(vocab, fields.source, order=lambda token_id: (-scores[token_id], token_id))
     unk_id = fields.get("tokenizer.ggml.unknown_token_id", int)
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     engine = Engine(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=not missing_bytes))

@@ -4,7 +4,8 @@ A rank file has one ``<base64 token bytes> <rank>`` per line; the rank is both t
 merge priority. tiktoken encodes a pre-token by repeatedly joining the adjacent pair whose join has
 the lowest rank, and takes a pre-token that is itself a token whole. The same model in `tokenizers`
 terms: the vocabulary spelled in GPT-2's byte alphabet; a merge ``(left, right)`` for every way of
-cutting a token into two tokens, ordered by the token's rank; ``ignore_merges`` for whole tokens.
+cutting a token into two tokens, ordered by the token's rank (:mod:`qkv.tokenizer.merges`);
+``ignore_merges`` for whole tokens.
 Pre-tokenization is the encoding's regex in a Split pre-tokenizer (the tests check it matches
 tiktoken on hard cases).
 
@@ -31,6 +32,7 @@ from qkv.errors import TokenizerError
 from qkv.tokenizer.base import Tokenizer
 from qkv.tokenizer.byte_level import bytes_to_piece
 from qkv.tokenizer.files import read_text
+from qkv.tokenizer.merges import merges_from_vocab
 
 
 @dataclass(frozen=True)
@@ -115,20 +117,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def merges_from_ranks(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """Every ``(left, right)`` cut of a token into two tokens, in the order tiktoken would join them:
-    by the joined token's rank, then by the parts' ranks (as transformers' TikTokenConverter)."""
-    ranked = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            left_rank, right_rank = ranks.get(left), ranks.get(right)
-            if left_rank is not None and right_rank is not None:
-                ranked.append((rank, left_rank, right_rank, left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
 def tokenizer_from_tiktoken(
     path: str | os.PathLike,
     encoding: str | None = None,
@@ -156,7 +144,7 @@ def tokenizer_from_tiktoken(
     ranks = read_ranks(path)
 
     vocab = {bytes_to_piece(token): rank for token, rank in ranks.items()}
-    merges = [(bytes_to_piece(left), bytes_to_piece(right)) for left, right in merges_from_ranks(ranks)]
+    merges = [(bytes_to_piece(left), bytes_to_piece(right)) for left, right in merges_from_vocab(ranks, str(path))]
     taken = set(ranks.values())
     for token, token_id in special_tokens.items():
         if token_id in taken:

@@ -65,7 +65,7 @@ def qkv_home() -> Path:
 
 
 def known_model(name: str) -> KnownModel:
-    """The known model called ``name``; a ValueError lists the known names otherwise."""
+    """The known model called ``name``; a PullError lists the known names otherwise."""
     try:
         return KNOWN_MODELS[name]
     except KeyError:

@@ -18,7 +18,7 @@ from qkv.checkpoints.gguf import is_gguf_file, load_gguf
 from qkv.checkpoints.hf import is_hf_dir, load_hf
 from qkv.checkpoints.materialize import resolve_dtype
 from qkv.checkpoints.native import is_native_checkpoint, load_native
-from qkv.errors import CheckpointError
+from qkv.errors import CheckpointError, UsageError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, quan
     """
     dtype = resolve_dtype(dtype)
     if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not supported yet; load without quantize")
+        raise UsageError(f"quantize={quantize!r} is not supported yet; load without quantize")
     path = Path(source)
     if not path.exists():
         from qkv import hub

@@ -20,6 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from qkv.errors import UsageError
+
 FORMATS = {"hf": "Hugging Face", "qkv": "qkv"}
 
 
@@ -41,7 +43,7 @@ def check_destination(dst: Path, fmt: str, src: str) -> None:
     from qkv.checkpoints.native import is_native_checkpoint
 
     if Path(src).exists() and Path(src).resolve() == dst.resolve():
-        raise ValueError(f"DST {dst} is the source itself; write the conversion to another directory")
+        raise UsageError(f"DST {dst} is the source itself; write the conversion to another directory")
     is_kind = {"hf": is_hf_dir, "qkv": is_native_checkpoint}[fmt]
     check_replaceable(dst, is_kind, f"{FORMATS[fmt]} checkpoint")
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     dst = Path(args.dst)
     if args.to == "hf" and args.dtype not in (None, "float32"):
-        raise ValueError(f"--to hf writes float32 weights; drop --dtype {args.dtype} (or use --to qkv)")
+        raise UsageError(f"--to hf writes float32 weights; drop --dtype {args.dtype} (or use --to qkv)")
     check_destination(dst, args.to, args.src)
     print(f"qkv: loading {args.src} ...", file=sys.stderr)
     model = load(args.src, dtype=args.dtype)

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from qkv import hub
 
-    model = hub.known_model(args.name)  # an unknown name is a ValueError listing the known ones
+    model = hub.known_model(args.name)  # an unknown name is a PullError listing the known ones
     present = hub.local_path(model.name)
     path = present or hub.pull(model.name, quiet=args.quiet)
     if not args.quiet:

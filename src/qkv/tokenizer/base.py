@@ -22,7 +22,7 @@ from typing import Any, Literal
 import tokenizers
 
 from qkv.atomic import atomic_write_text
-from qkv.errors import TokenizerError
+from qkv.errors import TokenizerError, UsageError
 
 # The keys of tokenizer_config.json that name a special token's role.
 SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
@@ -85,7 +85,7 @@ class Tokenizer:
             if token is None:
                 continue
             if role not in SPECIAL_ROLES:
-                raise ValueError(f"unknown special token role {role!r}; roles are {', '.join(SPECIAL_ROLES)}")
+                raise UsageError(f"unknown special token role {role!r}; roles are {', '.join(SPECIAL_ROLES)}")
             if token not in vocab:
                 raise TokenizerError(f"{role} {token!r} is not in the vocabulary ({source_format})")
             self.special_tokens[role] = token
@@ -200,7 +200,7 @@ class Tokenizer:
         if allowed_special == "all":
             return self.engine
         if isinstance(allowed_special, str):
-            raise ValueError(f'allowed_special must be "all" or a set of tokens, got the string {allowed_special!r}')
+            raise UsageError(f'allowed_special must be "all" or a set of tokens, got the string {allowed_special!r}')
         allowed = frozenset(allowed_special)
         if allowed == self.all_special_tokens:
             return self.engine

@@ -16,7 +16,7 @@ from typing import Literal
 from tokenizers import Tokenizer as Engine
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from qkv.errors import TokenizerError
+from qkv.errors import TokenizerError, UsageError
 from qkv.tokenizer.base import Tokenizer
 
 # GPT-2's single special token, which serves as both beginning and end of text.
@@ -53,7 +53,7 @@ def train_tokenizer(
     BERT), and ``[CLS] … [SEP]`` added on encode. ``show_progress`` draws the engine's progress bar.
     """
     if (files is None) == (texts is None):
-        raise ValueError("give exactly one of files= (paths of text files) or texts= (an iterable of strings)")
+        raise UsageError("give exactly one of files= (paths of text files) or texts= (an iterable of strings)")
     if kind == "bpe":
         engine, trainer, roles = _byte_level_bpe(vocab_size, special_tokens, min_frequency, show_progress)
     elif kind == "wordpiece":
@@ -61,19 +61,19 @@ def train_tokenizer(
             vocab_size, special_tokens, min_frequency, lowercase, strip_accents, show_progress
         )
     else:
-        raise ValueError(f"kind must be 'bpe' or 'wordpiece', got {kind!r}")
+        raise UsageError(f"kind must be 'bpe' or 'wordpiece', got {kind!r}")
 
     if files is not None:
         paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
         if not paths:
-            raise ValueError("files= is empty; give at least one text file to train on")
+            raise UsageError("files= is empty; give at least one text file to train on")
         for path in paths:
             if not Path(path).is_file():
                 raise TokenizerError(f"training file {path} does not exist or is not a file")
         engine.train([str(p) for p in paths], trainer)
     else:
         if isinstance(texts, str):
-            raise ValueError("texts= must be an iterable of strings, not one string; wrap it in a list")
+            raise UsageError("texts= must be an iterable of strings, not one string; wrap it in a list")
         length = len(texts) if isinstance(texts, Sequence) else None
         engine.train_from_iterator(texts, trainer, length=length)
 
@@ -93,7 +93,7 @@ def _byte_level_bpe(
     specials = list(special_tokens) if special_tokens is not None else list(BPE_SPECIAL_TOKENS)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(
+        raise UsageError(
             f"vocab_size {vocab_size} is too small for byte-level BPE: the 256 bytes and "
             f"{len(specials)} special tokens need at least {len(alphabet) + len(specials)}"
         )
@@ -123,7 +123,7 @@ def _wordpiece(
     specials = list(WORDPIECE_ROLES.values())
     specials += [t for t in special_tokens or () if t not in specials]
     if vocab_size <= len(specials):
-        raise ValueError(f"vocab_size {vocab_size} must exceed the {len(specials)} special tokens")
+        raise UsageError(f"vocab_size {vocab_size} must exceed the {len(specials)} special tokens")
     engine = Engine(models.WordPiece(unk_token=WORDPIECE_ROLES["unk_token"]))
     engine.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase

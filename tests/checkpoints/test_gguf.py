@@ -8,6 +8,7 @@ stores the weights in one tensor type, and checks that qkv's logits equal those 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -245,14 +246,18 @@ def test_is_gguf_file(gguf_file, tmp_path):
 
 
 def test_bfloat16(gguf_file):
+    """In bfloat16, qkv is as close to the float32 logits as transformers in bfloat16 is (a fixed
+    tolerance would be ~20 times bfloat16's error on these logits, so it would only check the dtype)."""
     hf, path = gguf_file("gqa-6-2")
     model = load_gguf(path, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope.inv_freq.dtype == torch.float32  # frequencies stay exact, as in HF
     ids = _ids(model.config.vocab_size)
     with torch.no_grad():
-        diff = (model(ids).logits.float() - hf(ids).logits).abs().max().item()
-    assert diff < 0.05
+        ref = hf(ids).logits
+        ours = (model(ids).logits.float() - ref).abs().max().item()
+        theirs = (copy.deepcopy(hf).to(torch.bfloat16)(ids).logits.float() - ref).abs().max().item()
+    assert 0 < ours <= 2 * theirs, (ours, theirs)
 
 
 def test_greedy_generation_matches_transformers(gguf_file):

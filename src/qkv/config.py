@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkv.errors import ConfigError
+
 FAMILIES = ("decoder", "encoder", "seq2seq", "vit")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
+MLPS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "swiglu", "geglu", "geglu_tanh")
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi", "t5", "none")
 SINUSOID_LAYOUTS = ("interleaved", "halves")  # sin/cos alternating (Vaswani et al.), or sin then cos (Marian)
 ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn")
@@ -25,9 +27,10 @@ HEADS = {
     "decoder": ("lm",),
     "encoder": ("none", "mlm", "classification", "token_classification", "rtd"),
     "seq2seq": ("lm",),
+    "vit": ("none", "classification"),
 }
 # Sequence classification on the first token: BERT's pooler, or a dense layer + activation (RoBERTa, ELECTRA).
-CLASSIFIERS = ("pooler", "dense_tanh", "dense_gelu")
+CLASSIFIERS = ("pooler", "dense_tanh", "dense_gelu", "first_token")  # first_token: a linear layer on it (ViT)
 
 # Keys each RoPE scaling type needs beyond `factor` (HF `rope_scaling` / `rope_parameters` names).
 ROPE_SCALING_KEYS = {
@@ -40,12 +43,12 @@ ROPE_SCALING_KEYS = {
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"ModelConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+        raise ConfigError(f"ModelConfig.{name}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
 
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer")
+        raise ConfigError(f"ModelConfig.{name}={value!r} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class ModelConfig:
     """Every hyper-parameter of a qkv model. Construct directly, via `from_name`, or from a checkpoint."""
 
     family: str = "decoder"
-    vocab_size: int = 50257
+    vocab_size: int | None = 50257  # None for a pure vision model
     d_model: int = 768
     n_layers: int = 12
     n_heads: int = 12
@@ -108,28 +111,40 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     # Vision
-    image_size: int | None = None
+    image_size: int | None = None  # vit: max_seq_len follows, 1 + (image_size // patch_size)^2
     patch_size: int | None = None
     n_channels: int = 3
+    patch_bias: bool = True  # the patch projection's bias (CLIP has none)
+    norm_pooled_only: bool = False  # CLIP's vision tower: the final norm applies to the pooled first token only
     # Free-form provenance (e.g. the HF model_type this came from); not used by the model.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         _choice("family", self.family, FAMILIES)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        if self.family == "vit":
+            for name in ("image_size", "patch_size", "n_channels"):
+                _positive(name, getattr(self, name))
+            if self.image_size % self.patch_size:
+                raise ConfigError(
+                    f"ModelConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+                )
+            set_(self, "max_seq_len", 1 + (self.image_size // self.patch_size) ** 2)  # [CLS] + the patches
+        if self.vocab_size is not None or self.family != "vit":
+            _positive("vocab_size", self.vocab_size)
+        for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(name, getattr(self, name))
         if self.n_kv_heads is None:
             set_(self, "n_kv_heads", self.n_heads)
         _positive("n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
                 "(grouped-query attention shares each key/value head among n_heads/n_kv_heads query heads)"
             )
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                     "set head_dim explicitly"
                 )
@@ -150,40 +165,40 @@ class ModelConfig:
             _positive("relative_buckets", self.relative_buckets)
             _positive("relative_max_distance", self.relative_max_distance)
             if self.relative_buckets < 4 or self.relative_buckets % 2:
-                raise ValueError(
+                raise ConfigError(
                     f"ModelConfig.relative_buckets={self.relative_buckets} must be an even number >= 4 (T5 splits "
                     "them between directions, then between exact and logarithmic distances)"
                 )
             if self.relative_max_distance <= self.relative_buckets // 4:
-                raise ValueError(
+                raise ConfigError(
                     f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed the exactly "
                     f"bucketed distances ({self.relative_buckets // 4} and below)"
                 )
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"ModelConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+            raise ConfigError(f"ModelConfig.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0")
+            raise ConfigError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
+                raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r} must be in [0, 1)")
         if self.sliding_window is not None:
             _positive("sliding_window", self.sliding_window)
         if self.position == "rope":
             if self.rope_theta <= 0:
-                raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0")
+                raise ConfigError(f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0")
             if not 0.0 < self.partial_rotary_factor <= 1.0:
-                raise ValueError("ModelConfig.partial_rotary_factor must be in (0, 1]")
+                raise ConfigError("ModelConfig.partial_rotary_factor must be in (0, 1]")
             if int(self.head_dim * self.partial_rotary_factor) % 2:
-                raise ValueError("ModelConfig: the rotary dimension (head_dim * partial_rotary_factor) must be even")
+                raise ConfigError("ModelConfig: the rotary dimension (head_dim * partial_rotary_factor) must be even")
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, list) else [] if value is None else [value]
-            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.vocab_size]
+            bad = [i for i in ids if not isinstance(i, int) or self.vocab_size is None or not 0 <= i < self.vocab_size]
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"ModelConfig.{name}={value!r} lies outside the vocabulary [0, {self.vocab_size}); "
                     "set it to None or to a valid id"
                 )
@@ -192,15 +207,12 @@ class ModelConfig:
             set_(self, "embedding_size", self.d_model)
         _positive("embedding_size", self.embedding_size)
         if not isinstance(self.position_offset, int) or self.position_offset < 0:
-            raise ValueError(f"ModelConfig.position_offset={self.position_offset!r} must be an integer >= 0")
+            raise ConfigError(f"ModelConfig.position_offset={self.position_offset!r} must be an integer >= 0")
         if self.positions_skip_padding and (self.pad_token_id is None or self.position_offset < 1):
-            raise ValueError(
+            raise ConfigError(
                 "ModelConfig.positions_skip_padding needs pad_token_id and position_offset >= 1 "
                 "(padding sits at position_offset - 1, as RoBERTa's padding_idx)"
             )
-        if self.family == "vit":
-            for name in ("image_size", "patch_size"):
-                _positive(name, getattr(self, name))
 
     def _check_heads(self) -> None:
         allowed = HEADS.get(self.family, ("none",))
@@ -209,14 +221,16 @@ class ModelConfig:
         _choice("head", self.head, allowed)
         _choice("classifier", self.classifier, CLASSIFIERS)
         _positive("num_labels", self.num_labels)
+        if self.classifier == "first_token" and self.family != "vit":
+            raise ConfigError("ModelConfig.classifier='first_token' is ViT's head; text encoders use the others")
         if self.classifier == "pooler" and self.head == "classification" and not self.pooler:
-            raise ValueError("ModelConfig.classifier='pooler' needs pooler=True (BERT's pooled first token)")
+            raise ConfigError("ModelConfig.classifier='pooler' needs pooler=True (BERT's pooled first token)")
 
     def _check_rope_scaling(self) -> None:
         scaling = dict(self.rope_scaling)
         kind = scaling.get("type", scaling.get("rope_type"))
         if kind is None and set(scaling) - {"rope_theta", "partial_rotary_factor"}:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig.rope_scaling={self.rope_scaling!r} has no 'type'; "
                 f"set 'type' to one of: {', '.join(ROPE_SCALINGS)} (or 'default')"
             )
@@ -229,9 +243,9 @@ class ModelConfig:
             missing.remove("original_max_position_embeddings")
             scaling["original_max_position_embeddings"] = self.max_seq_len
         if missing:
-            raise ValueError(f"ModelConfig.rope_scaling of type {kind!r} needs {', '.join(missing)}")
+            raise ConfigError(f"ModelConfig.rope_scaling of type {kind!r} needs {', '.join(missing)}")
         if kind != "yarn" and float(scaling["factor"]) < 1.0:
-            raise ValueError(f"ModelConfig.rope_scaling['factor']={scaling['factor']} must be >= 1")
+            raise ConfigError(f"ModelConfig.rope_scaling['factor']={scaling['factor']} must be >= 1")
         scaling["type"] = kind
         scaling.pop("rope_type", None)
         object.__setattr__(self, "rope_scaling", scaling)
@@ -261,7 +275,7 @@ class ModelConfig:
         from qkv.presets import PRESETS
 
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
@@ -270,7 +284,7 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:

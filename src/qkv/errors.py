@@ -23,3 +23,7 @@ class UsageError(QkvError):
 
 class GenerationOptionError(QkvError):
     """A decoding option is unknown, out of range, or not supported by the decoding path chosen."""
+
+
+class ConfigError(QkvError):
+    """A model configuration field is missing, out of range, or inconsistent with another."""

@@ -33,6 +33,7 @@ FORMULAS = {
     "gelu_tanh": gelu_tanh,
     "relu": lambda x: x.clamp(min=0),
     "silu": lambda x: x * torch.sigmoid(x),  # Ramachandran et al. 2017 (swish, beta=1)
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's sigmoid approximation of GELU
 }
 GATED = {"swiglu": FORMULAS["silu"], "geglu": gelu, "geglu_tanh": gelu_tanh}  # Shazeer 2020
 
@@ -55,6 +56,7 @@ def test_gelu_tanh_is_transformers_gelu_new():
     x = torch.randn(1000) * 3
     torch.testing.assert_close(ACTIVATIONS["gelu_tanh"](x), ACT2FN["gelu_new"](x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ACTIVATIONS["gelu"](x), ACT2FN["gelu"](x), atol=0, rtol=0)
+    torch.testing.assert_close(ACTIVATIONS["quick_gelu"](x), ACT2FN["quick_gelu"](x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", FORMULAS)

@@ -13,7 +13,7 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.errors import UsageError
-from qkv.models.heads import HEAD_CLASSES, Pooler, head_loss
+from qkv.models.heads import HEAD_CLASSES, Pooler, check_labels, head_loss
 from qkv.models.output import ModelOutput
 from qkv.models.stack import TransformerStack
 
@@ -60,28 +60,12 @@ class Encoder(TransformerStack):
         if labels is not None:
             if logits is None:
                 raise UsageError("labels need a head; this encoder has head='none' (load a model with a head)")
-            self._check_labels(labels, logits)
+            check_labels(self.config, labels, logits)
             loss = head_loss(self.config.head, logits, labels, attention_mask)
         return ModelOutput(
             last_hidden_state=x, logits=logits, loss=loss, hidden_states=out.hidden_states,
             attentions=out.attentions, pooler_output=pooled,
         )  # fmt: skip
-
-    def _check_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> None:
-        cfg = self.config
-        expected = logits.shape[:1] if cfg.head == "classification" else logits.shape[:2]
-        if labels.shape != expected:
-            raise UsageError(
-                f"labels must have shape {tuple(expected)} for head={cfg.head!r}, got {tuple(labels.shape)}"
-            )
-        if cfg.head in ("classification", "token_classification") and cfg.num_labels > 1:
-            used = labels[labels != -100]
-            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cfg.num_labels):
-                raise UsageError(
-                    f"label {int(used.max()) if int(used.max()) >= cfg.num_labels else int(used.min())} does not fit "
-                    f"the head's {cfg.num_labels} labels (num_labels); relabel to 0..{cfg.num_labels - 1} or "
-                    "build the head with more labels"
-                )
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Encoders do not generate text: say so rather than fail somewhere inside the decode loop."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.errors import UsageError
 from qkv.nn.linear import Linear
 from qkv.nn.mlp import ACTIVATIONS
 from qkv.nn.norm import make_norm
@@ -50,19 +51,23 @@ class ClassificationHead(nn.Module):
     """Sequence classification on the first token -> [B, num_labels].
 
     classifier="pooler": out_proj(pooler_output) (BERT); "dense_tanh"/"dense_gelu":
-    out_proj(act(dense(h[:, 0]))) (RoBERTa / ELECTRA). Dropout as the model's, in training only.
+    out_proj(act(dense(h[:, 0]))) (RoBERTa / ELECTRA); "first_token": out_proj(h[:, 0]) (ViT).
+    Dropout as the model's, in training only.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.dense = None if cfg.classifier == "pooler" else Linear(cfg.d_model, cfg.d_model)
+        self.kind = cfg.classifier
+        self.dense = Linear(cfg.d_model, cfg.d_model) if cfg.classifier.startswith("dense") else None
         self.act = torch.tanh if cfg.classifier == "dense_tanh" else ACTIVATIONS["gelu"]
         self.drop = nn.Dropout(cfg.dropout)
         self.out_proj = Linear(cfg.d_model, cfg.num_labels)
 
     def forward(self, hidden: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dense is None:
+        if self.kind == "pooler":
             return self.out_proj(self.drop(pooled))
+        if self.kind == "first_token":
+            return self.out_proj(hidden[:, 0])
         return self.out_proj(self.drop(self.act(self.dense(self.drop(hidden[:, 0])))))
 
 
@@ -97,6 +102,21 @@ HEAD_CLASSES: dict[str, type[nn.Module]] = {
     "token_classification": TokenClassificationHead,
     "rtd": ReplacedTokenHead,
 }
+
+
+def check_labels(cfg: ModelConfig, labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """A clear error for labels that do not fit the head: wrong shape, or a class it does not have."""
+    expected = logits.shape[:1] if cfg.head == "classification" else logits.shape[:2]
+    if labels.shape != expected:
+        raise UsageError(f"labels must have shape {tuple(expected)} for head={cfg.head!r}, got {tuple(labels.shape)}")
+    if cfg.head in ("classification", "token_classification") and cfg.num_labels > 1:
+        used = labels[labels != -100]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= cfg.num_labels):
+            bad = int(used.max()) if int(used.max()) >= cfg.num_labels else int(used.min())
+            raise UsageError(
+                f"label {bad} does not fit the head's {cfg.num_labels} labels (num_labels); relabel to "
+                f"0..{cfg.num_labels - 1} or build the head with more labels"
+            )
 
 
 def head_loss(

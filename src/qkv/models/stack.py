@@ -18,7 +18,7 @@ from qkv.cache import KVCache
 from qkv.config import ModelConfig
 from qkv.nn.attention import AttentionInputs
 from qkv.nn.block import Block
-from qkv.nn.embedding import Embeddings
+from qkv.nn.embedding import Embeddings, PatchEmbedding
 from qkv.nn.mask import alibi_bias, build_attention_mask
 from qkv.nn.norm import make_norm
 from qkv.nn.position import RelativePositionBias, RotaryEmbedding, alibi_slopes
@@ -86,7 +86,7 @@ class TransformerStack(nn.Module):
         self.config = cfg
         self.causal = causal
         self.cross_attention = cross_attention
-        self.embed = Embeddings(cfg)
+        self.embed = PatchEmbedding(cfg) if cfg.family == "vit" else Embeddings(cfg)
         self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
@@ -112,11 +112,11 @@ class TransformerStack(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed.tokens.weight.device
+        return next(self.embed.parameters()).device  # token embeddings, or the patch projection
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.tokens.weight.dtype
+        return next(self.embed.parameters()).dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty KV cache for this model (default length: the model's context).
@@ -166,6 +166,7 @@ class TransformerStack(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> StackOutput:
         """Run the stack over input_ids [B, T].
 
@@ -173,23 +174,23 @@ class TransformerStack(nn.Module):
         query slots); cache: a `KVCache`, advanced in place; input_pos: [T] slots to write in a
         static cache; token_type_ids: [B, T] segment ids (BERT); context [B, S, D] and
         context_mask [B, S]: what cross-attention reads (default: the cache's, see
-        `KVCache.set_context`). Inside a compiled graph the checks
+        `KVCache.set_context`); inputs_embeds [B, T, D]: inputs embedded already (ViT's patches),
+        in place of input_ids. Inside a compiled graph the checks
         that read tensor values are skipped (they would break the graph); the eager prefill before it
         has checked the prompt.
         """
-        if not torch.compiler.is_compiling():
+        if inputs_embeds is None and not torch.compiler.is_compiling():
             self._check(input_ids, attention_mask, cache, token_type_ids)
-        B, T = input_ids.shape
+        B, T = inputs_embeds.shape[:2] if inputs_embeds is not None else input_ids.shape
+        device = inputs_embeds.device if inputs_embeds is not None else input_ids.device
         static = cache is not None and cache.static
-        q_slots, k_slots = (
-            cache.slots(T, input_pos) if cache is not None else (torch.arange(T, device=input_ids.device),) * 2
-        )
+        q_slots, k_slots = cache.slots(T, input_pos) if cache is not None else (torch.arange(T, device=device),) * 2
         cfg = self.config
         if position_ids is None and cfg.positions_skip_padding:
             position_ids = padding_skipping_positions(input_ids, cfg.pad_token_id)
         elif position_ids is None:
             position_ids = q_slots.expand(B, T)
-        x = self.embed(input_ids, position_ids, token_type_ids)
+        x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, position_ids, token_type_ids)
         inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
         position_bias = None
         if cfg.position == "alibi":
@@ -224,7 +225,8 @@ class TransformerStack(nn.Module):
                     cross_attentions.append(cross_weights)
         if cache is not None and not static:
             cache.advance(T)
-        x = self.norm(x)
+        if not cfg.norm_pooled_only:
+            x = self.norm(x)
         if output_hidden_states:
             hidden_states.append(x)
         return StackOutput(

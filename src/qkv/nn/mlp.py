@@ -14,6 +14,7 @@ from qkv.nn.linear import Linear
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP (Radford et al. 2021), after Hendrycks & Gimpel
     "relu": F.relu,
     "silu": F.silu,
     "swiglu": F.silu,

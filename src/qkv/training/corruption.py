@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from qkv.errors import UsageError
+
 
 def _random_partition(total: int, parts: int, generator: torch.Generator) -> list[int]:
     """`total` split into `parts` positive integers, every such split equally likely (stars and bars)."""
@@ -32,9 +34,9 @@ def span_noise_mask(
     non-noise run, as in the reference implementation (`random_spans_noise_mask`).
     """
     if length < 2:
-        raise ValueError(f"span corruption needs at least 2 tokens, got {length}")
+        raise UsageError(f"span corruption needs at least 2 tokens, got {length}")
     if not 0.0 < noise_density < 1.0 or mean_span_length < 1.0:
-        raise ValueError(f"noise_density={noise_density} must be in (0, 1), mean_span_length={mean_span_length} >= 1")
+        raise UsageError(f"noise_density={noise_density} must be in (0, 1), mean_span_length={mean_span_length} >= 1")
     n_noise = min(max(round(length * noise_density), 1), length - 1)
     n_spans = max(min(round(n_noise / mean_span_length), n_noise, length - n_noise), 1)
     noise = _random_partition(n_noise, n_spans, generator)
@@ -68,13 +70,13 @@ def span_corruption(
         starts = i == 0 or mask[i - 1] != noisy
         if starts and noisy:
             if spans >= len(sentinel_ids):
-                raise ValueError(f"{spans + 1} noise spans need more than the {len(sentinel_ids)} sentinel ids given")
+                raise UsageError(f"{spans + 1} noise spans need more than the {len(sentinel_ids)} sentinel ids given")
             inputs.append(sentinel_ids[spans])
             targets.append(sentinel_ids[spans])
             spans += 1
         (targets if noisy else inputs).append(token)
     if spans >= len(sentinel_ids):
-        raise ValueError(f"the closing sentinel needs more than the {len(sentinel_ids)} sentinel ids given")
+        raise UsageError(f"the closing sentinel needs more than the {len(sentinel_ids)} sentinel ids given")
     return [*inputs, eos_id], [*targets, sentinel_ids[spans], eos_id]
 
 

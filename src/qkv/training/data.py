@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qkv.errors import UsageError
+
 
 def corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand `paths` into text files: files as given, directories as their `*.txt` files (sorted)."""
@@ -34,7 +36,7 @@ def corpus_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             raise FileNotFoundError(f"corpus file {p} does not exist")
     if not files:
-        raise ValueError("no corpus files given")
+        raise UsageError("no corpus files given")
     return files
 
 
@@ -75,11 +77,11 @@ def split_blocks(tokens: torch.Tensor, block_size: int, val_fraction: float = 0.
     `val_fraction > 0` validation gets at least one block.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+        raise UsageError(f"val_fraction={val_fraction} must be in [0, 1)")
     n_blocks = tokens.numel() // block_size
     n_val = 0 if val_fraction == 0 else max(1, round(n_blocks * val_fraction))
     if n_blocks - n_val < 1:
-        raise ValueError(
+        raise UsageError(
             f"the corpus has {tokens.numel()} tokens: too few for {n_val} validation block(s) and at "
             f"least one training block of {block_size} tokens; add text or lower seq_len / val_fraction"
         )
@@ -121,14 +123,14 @@ class BlockLoader:
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
         if blocks.dim() != 2:
-            raise ValueError(f"blocks must have shape [n_blocks, block_size], got {tuple(blocks.shape)}")
+            raise UsageError(f"blocks must have shape [n_blocks, block_size], got {tuple(blocks.shape)}")
         if not 1 <= batch_size <= len(blocks):
-            raise ValueError(
+            raise UsageError(
                 f"batch_size={batch_size} needs at least that many blocks, but there are {len(blocks)}; "
                 "lower the batch size or the sequence length, or add text"
             )
         if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0")
+            raise UsageError(f"seed={seed} must be >= 0")
         self.blocks = blocks
         self.batch_size = batch_size
         self.seed = seed
@@ -181,7 +183,7 @@ class BlockLoader:
         mine = self.state_dict()
         for key in ("n_blocks", "block_size", "batch_size"):
             if state[key] != mine[key]:
-                raise ValueError(
+                raise UsageError(
                     f"cannot resume the data position: the checkpoint was taken with {key}={state[key]}, "
                     f"this run has {key}={mine[key]} (use the same corpus, tokenizer, seq_len and batch size)"
                 )

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from qkv.atomic import atomic_path
+from qkv.errors import UsageError
 
 KINDS = ("self", "encoder", "cross")
 
@@ -23,12 +24,12 @@ def attention_maps(
     "cross" the decoder-to-source maps [L, H, T, S].
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"attention_maps takes one sequence of shape [1, T], got {tuple(input_ids.shape)}")
+        raise UsageError(f"attention_maps takes one sequence of shape [1, T], got {tuple(input_ids.shape)}")
     if kind not in KINDS:
-        raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
     seq2seq = getattr(model, "is_encoder_decoder", False)
     if seq2seq != (target_ids is not None) or (kind != "self" and not seq2seq):
-        raise ValueError(
+        raise UsageError(
             "an encoder-decoder needs target_ids (the decoder's tokens) and offers kinds self, encoder and cross; "
             "other models take input_ids alone and offer kind='self'"
         )
@@ -45,7 +46,7 @@ def _select(n: int, chosen: Sequence[int] | None, what: str) -> list[int]:
         return list(range(n))
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
-        raise ValueError(f"{what} {bad} out of range: the model has {n} {what}s (0..{n - 1})")
+        raise UsageError(f"{what} {bad} out of range: the model has {n} {what}s (0..{n - 1})")
     return list(chosen)
 
 
@@ -69,7 +70,7 @@ def plot_attention(
     L, H, T, S = weights.shape
     key_tokens = tokens if key_tokens is None else key_tokens
     if len(tokens) != T or len(key_tokens) != S:
-        raise ValueError(
+        raise UsageError(
             f"got {len(tokens)} query and {len(key_tokens)} key token labels for attention of {T} x {S} positions"
         )
     rows, cols = _select(L, layers, "layer"), _select(H, heads, "head")

@@ -6,7 +6,7 @@ import torch
 import qkv
 from qkv.checkpoints import save_native
 from qkv.errors import CheckpointError
-from qkv.load import load
+from qkv.loading import load
 
 
 @pytest.fixture(scope="module")

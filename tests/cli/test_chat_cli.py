@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from qkv.generation.text import complete
-from qkv.load import load
+from qkv.loading import load
 from qkv.tokenizer import CHAT_TEMPLATES
 from tiny_checkpoint import save_tiny_checkpoint
 

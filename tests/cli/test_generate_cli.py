@@ -11,7 +11,7 @@ import torch
 
 from qkv.cli.main import main
 from qkv.generation.text import complete
-from qkv.load import load
+from qkv.loading import load
 from tiny_checkpoint import save_tiny_checkpoint
 
 PROMPT = "The quick brown"

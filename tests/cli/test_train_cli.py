@@ -5,7 +5,7 @@ import json
 import pytest
 
 from qkv.cli.main import main
-from qkv.load import load
+from qkv.loading import load
 
 pytest.importorskip("qkv.tokenizer")
 

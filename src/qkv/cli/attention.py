@@ -35,7 +35,7 @@ def _ids(tok, text: str, flag: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from qkv.load import load
+    from qkv.loading import load
     from qkv.viz import attention_maps, plot_attention
 
     model = load(args.model).eval()

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qkv.generation.text import stream_completion
-    from qkv.load import load
+    from qkv.loading import load
 
     model = load(args.model, dtype=args.dtype)
     tok = model.tokenizer

@@ -51,7 +51,7 @@ def check_destination(dst: Path, fmt: str, src: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from qkv.checkpoints.hf import export_hf
     from qkv.checkpoints.native import save_native
-    from qkv.load import load
+    from qkv.loading import load
 
     dst = Path(args.dst)
     if args.to == "hf" and args.dtype not in (None, "float32"):

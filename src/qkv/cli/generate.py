@@ -93,7 +93,7 @@ def encode_checked(args: argparse.Namespace, model, tok, prompt: str, add_specia
 
 def run(args: argparse.Namespace) -> int:
     from qkv.generation.text import complete, stream_completion
-    from qkv.load import load
+    from qkv.loading import load
 
     prompt = read_prompt(args)
     config = generation_config(args)

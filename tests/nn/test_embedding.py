@@ -9,7 +9,7 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.nn.embedding import Embeddings
-from qkv.nn.position import sinusoidal_table
+from qkv.nn.position import sinusoidal_positions, sinusoidal_table
 
 V, D, L = 50, 16, 32
 
@@ -72,3 +72,11 @@ def test_dropout_only_in_train_mode():
     torch.testing.assert_close(emb(IDS, POS), first, atol=0, rtol=0)
     emb.train()
     assert not torch.allclose(emb(IDS, POS), emb(IDS, POS))
+
+
+def test_sinusoid_is_computed_for_the_positions_used_not_stored():
+    """A config may claim any max_seq_len (a hostile one 10^8): nothing of that size is built."""
+    emb = Embeddings(ModelConfig(vocab_size=V, d_model=D, n_heads=2, max_seq_len=10**8, position="sinusoidal"))
+    assert list(emb.buffers()) == []
+    far = torch.tensor([[0, 5, 99_999_999]])
+    torch.testing.assert_close(emb(far[:, :1] * 0 + 3, far) - emb.tokens.weight[3], sinusoidal_positions(far, D))

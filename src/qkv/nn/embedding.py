@@ -9,7 +9,7 @@ from torch import nn
 from qkv.config import ModelConfig
 from qkv.nn.linear import Linear
 from qkv.nn.norm import make_norm
-from qkv.nn.position import sinusoidal_table
+from qkv.nn.position import sinusoidal_positions
 
 
 class Embeddings(nn.Module):
@@ -28,22 +28,12 @@ class Embeddings(nn.Module):
         self.offset = cfg.position_offset
         self.tokens = nn.Embedding(cfg.vocab_size, dim)
         self.positions = nn.Embedding(cfg.max_seq_len + self.offset, dim) if cfg.position == "learned" else None
-        if cfg.position == "sinusoidal":
-            table = sinusoidal_table(cfg.max_seq_len, dim, layout=cfg.sinusoid_layout)
-            self.register_buffer("sinusoid", table, persistent=False)
-        else:
-            self.sinusoid = None
+        self.sinusoid = cfg.position == "sinusoidal"  # computed per forward for the positions used
         self.token_types = nn.Embedding(cfg.type_vocab_size, dim) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, dim) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.project = Linear(dim, cfg.d_model) if dim != cfg.d_model else None
         self.scale = cfg.d_model**0.5 if cfg.scale_embeddings else 1.0
-
-    def reset_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute the sinusoid table (e.g. after building on the meta device)."""
-        if self.sinusoid is not None:
-            cfg = self.cfg
-            self.sinusoid = sinusoidal_table(cfg.max_seq_len, cfg.embedding_size, layout=cfg.sinusoid_layout).to(device)
 
     def forward(
         self,
@@ -57,8 +47,9 @@ class Embeddings(nn.Module):
             x = x * self.scale
         if self.positions is not None:
             x = x + self.positions(position_ids + self.offset if self.offset else position_ids)
-        elif self.sinusoid is not None:
-            x = x + self.sinusoid[position_ids].to(x.dtype)
+        elif self.sinusoid:
+            positions = sinusoidal_positions(position_ids, self.cfg.embedding_size, layout=self.cfg.sinusoid_layout)
+            x = x + positions.to(x.dtype)
         if self.token_types is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)

@@ -16,24 +16,32 @@ from torch import nn
 from qkv.config import ModelConfig
 
 
-def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved") -> torch.Tensor:
-    """[n_positions, dim] table of Vaswani et al. 2017 §3.5, with angles pos / base^(2i/dim).
+def sinusoidal_positions(
+    positions: torch.Tensor, dim: int, base: float = 10000.0, layout: str = "interleaved"
+) -> torch.Tensor:
+    """Vaswani et al. 2017 §3.5 for the given positions [...] -> [..., dim] float32, with angles
+    pos / base^(2i/dim) computed in float64.
 
     layout "interleaved": PE(pos, 2i) = sin, PE(pos, 2i+1) = cos (the paper, fairseq);
     "halves": the sines in the first ceil(dim/2) columns, the cosines after them (Marian,
-    HF's `MarianSinusoidalPositionalEmbedding`). Both appear in real checkpoints.
+    HF's `MarianSinusoidalPositionalEmbedding`). Both appear in real checkpoints. Computed for the
+    positions asked, never as a table of the model's whole length.
     """
-    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    sin, cos = torch.sin(pos * inv), torch.cos(pos * inv)[:, : dim // 2]
-    table = torch.zeros(n_positions, dim, dtype=torch.float64)
-    if layout == "halves":
-        table[:, : sin.shape[1]], table[:, sin.shape[1] :] = sin, cos
-    elif layout == "interleaved":
-        table[:, 0::2], table[:, 1::2] = sin, cos
-    else:
+    if layout not in ("interleaved", "halves"):
         raise ValueError(f"unknown sinusoid layout {layout!r}; choose 'interleaved' or 'halves'")
-    return table.float()
+    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angles = positions.to(torch.float64)[..., None] * inv
+    sin, cos = torch.sin(angles), torch.cos(angles)[..., : dim // 2]
+    if layout == "halves":
+        return torch.cat((sin, cos), dim=-1).float()
+    out = torch.zeros(*positions.shape, dim, dtype=torch.float64, device=positions.device)
+    out[..., 0::2], out[..., 1::2] = sin, cos
+    return out.float()
+
+
+def sinusoidal_table(n_positions: int, dim: int, base: float = 10000.0, layout: str = "interleaved") -> torch.Tensor:
+    """[n_positions, dim]: `sinusoidal_positions` of 0 .. n_positions - 1."""
+    return sinusoidal_positions(torch.arange(n_positions), dim, base, layout)
 
 
 def relative_position_bucket(

@@ -27,12 +27,31 @@ def expand_rules(rules: tuple[KeyRule, ...], n_layers: int, n_decoder_layers: in
     return out
 
 
+# Key-map transforms, foreign layout -> qkv's. Each has an inverse for export (`_untransform`).
+TRANSFORMS = {
+    "none": lambda t: t,
+    "transpose": lambda t: t.t(),  # GPT-2's Conv1D keeps [in, out]
+    "drop_batch_dim": lambda t: t[0],  # ViT's [1, N, D] position table and [1, 1, D] [CLS]
+    "add_batch_dim": lambda t: t[None],  # CLIP's [D] class embedding -> [1, D]
+    "conv_to_linear": lambda t: t.flatten(1),  # a stride-P convolution [D, C, P, P] as a linear layer
+}
+
+
 def _transform(t: torch.Tensor, transform: str) -> torch.Tensor:
-    if transform == "transpose":
-        return t.t()
-    if transform == "none":
-        return t
-    raise ValueError(f"unknown key-map transform {transform!r}")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown key-map transform {transform!r}")
+    return TRANSFORMS[transform](t)
+
+
+def _untransform(t: torch.Tensor, transform: str, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The inverse of `_transform` (conv_to_linear needs the kernel's (C, P, P) as `shape`)."""
+    if transform == "drop_batch_dim":
+        return t[None]
+    if transform == "add_batch_dim":
+        return t[0]
+    if transform == "conv_to_linear":
+        return t.view(t.shape[0], *shape)
+    return _transform(t, transform)
 
 
 def to_qkv_state_dict(
@@ -96,18 +115,19 @@ def from_qkv_state_dict(
     """The inverse map, for export: qkv tensors -> foreign names.
 
     split_sizes: for a fused target (several sources), the dim-0 size of each source, keyed by the
-    rule's target pattern suffix (e.g. "attn.qkv_proj.weight").
+    target without its block index (e.g. "attn.qkv_proj.weight", "decoder.cross_attn.kv_proj.weight");
+    for a conv_to_linear target, the kernel's (C, P, P).
     """
     out: dict[str, torch.Tensor] = {}
     for rule in expand_rules(rules, n_layers, n_decoder_layers):
         if rule.target not in state:
             continue
         tensor = state[rule.target]
+        key = re.sub(r"blocks\.\d+\.", "", rule.target)
         if len(rule.sources) == 1:
             parts = [tensor]
         else:
-            key = re.sub(r"^((en|de)coder\.)?blocks\.\d+\.", "", rule.target)
             parts = list(tensor.split(list(split_sizes[key]), dim=0))
         for src, part in zip(rule.sources, parts, strict=True):
-            out[src] = _transform(part, rule.transform).contiguous()
+            out[src] = _untransform(part, rule.transform, split_sizes.get(key)).contiguous()
     return out

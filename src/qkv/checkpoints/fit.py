@@ -51,7 +51,7 @@ def check_config_fits(
     largest = max((max(shape) for shape in shapes.values() if shape and math.prod(shape)), default=1)
     sizes = {name: getattr(cfg, name) for name in SIZE_FIELDS}
     sizes["n_heads * head_dim"] = cfg.n_heads * cfg.head_dim
-    too_big = [f"{name}={value}" for name, value in sizes.items() if value > largest]
+    too_big = [f"{name}={value}" for name, value in sizes.items() if value is not None and value > largest]
     if too_big:
         raise CheckpointError(
             f"{origin}: the configuration's {', '.join(too_big)} exceeds every dimension of every tensor in "

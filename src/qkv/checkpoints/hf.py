@@ -27,12 +27,13 @@ from qkv.checkpoints.hf_config import (
     hf_encoder_architecture,
     hf_tensor_prefix,
 )
-from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keymap
+from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keymap, with_prefix
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
 from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
+from qkv.models.vision import CLIPConfig
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -122,9 +123,14 @@ class _TensorSource:
 def hf_keymap(cfg: ModelConfig, model_type: str, architecture: str | None = None) -> tuple[KeyRule, ...]:
     """The key map between `cfg`'s model and HF tensor names for `model_type` (and, for BERT-family
     encoders, the `architecture`, which fixes the head and the body's prefix)."""
-    if cfg.family == "encoder":
+    if isinstance(cfg, CLIPConfig):
+        return HF_KEYMAPS["clip"]
+    if HF_FAMILIES[model_type].get("heads_by_architecture"):
         architecture = architecture or hf_encoder_architecture(cfg, model_type)
-        return encoder_keymap(model_type, cfg.head, hf_tensor_prefix(architecture, model_type))
+        prefix = hf_tensor_prefix(architecture, model_type)
+        if model_type == "vit":
+            return with_prefix(HF_KEYMAPS["vit"], prefix)
+        return encoder_keymap(model_type, cfg.head, prefix)
     if model_type == "t5" and cfg.gated_mlp:
         return T5_GATED
     return HF_KEYMAPS[model_type]
@@ -160,19 +166,21 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
     path = Path(path)
     raw, cfg = read_hf_config(path)
     source = _TensorSource(path)
-    if cfg.pooler and not any(name.endswith("pooler.dense.weight") for name in source.names()):
+    if getattr(cfg, "pooler", False) and not any(name.endswith("pooler.dense.weight") for name in source.names()):
         cfg = cfg.replace(pooler=False)  # e.g. BertModel(add_pooling_layer=False)
     if raw["model_type"] == "t5" and not cfg.tie_embeddings and "lm_head.weight" not in source.names():
         cfg = cfg.replace(tie_embeddings=True)  # transformers 5 always ties T5's head (and saves none)
-    rules = hf_keymap(cfg, raw["model_type"], cfg.extra.get("hf_architecture"))
-    check_config_fits(cfg, source.shapes, (name for rule in rules for name in rule.sources), str(path))
+    rules = hf_keymap(cfg, raw["model_type"], getattr(cfg, "extra", {}).get("hf_architecture"))
+    for tower, layer_key in _towers(cfg):  # every stack's depth and sizes against the file
+        patterns = (name.replace(layer_key, "{i}") for rule in rules for name in rule.sources)
+        check_config_fits(tower, source.shapes, patterns, str(path))
     meta = build_on_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     tied = tuple(tied_aliases(meta))
+    n_i, n_j = _depths(cfg)
     state = to_qkv_state_dict(
-        source, source.names(), rules, expected, cfg.n_layers, origin=str(path), tied=tied,
-        n_decoder_layers=cfg.n_decoder_layers,
-    )  # fmt: skip
+        source, source.names(), rules, expected, n_i, origin=str(path), tied=tied, n_decoder_layers=n_j
+    )
     dtype = resolve_dtype(dtype) or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     model = materialize(cfg, state, origin=str(path))
@@ -190,16 +198,41 @@ def _tokenizer_if_present(path: Path):
     return load_tokenizer(path)
 
 
-def _split_sizes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {
-        "attn.qkv_proj.weight": (q, kv, kv),
-        "attn.qkv_proj.bias": (q, kv, kv),
-        "cross_attn.kv_proj.weight": (kv, kv),
-        "cross_attn.kv_proj.bias": (kv, kv),
-        "mlp.up.weight": (cfg.d_ff, cfg.d_ff),
-        "mlp.up.bias": (cfg.d_ff, cfg.d_ff),
-    }
+def _stacks(cfg: ModelConfig | CLIPConfig) -> dict[str, ModelConfig]:
+    """The config of each stack, by its name prefix in qkv's state dict."""
+    if isinstance(cfg, CLIPConfig):
+        return {"text.": cfg.text, "vision.": cfg.vision}
+    if cfg.family == "seq2seq":
+        return {"encoder.": cfg, "decoder.": cfg}
+    return {"": cfg}
+
+
+def _towers(cfg: ModelConfig | CLIPConfig) -> list[tuple[ModelConfig, str]]:
+    """(config, the key map's layer placeholder) for each separately sized stack, for the fit check."""
+    if isinstance(cfg, CLIPConfig):
+        return [(cfg.text, "{i}"), (cfg.vision, "{j}")]
+    return [(cfg, "{i}")]  # a seq2seq config counts its decoder's {j} itself
+
+
+def _depths(cfg: ModelConfig | CLIPConfig) -> tuple[int, int]:
+    """The layer counts that `{i}` and `{j}` range over."""
+    if isinstance(cfg, CLIPConfig):
+        return cfg.text.n_layers, cfg.vision.n_layers
+    return cfg.n_layers, cfg.n_decoder_layers
+
+
+def _split_sizes(cfg: ModelConfig | CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """How export splits fused tensors (and unflattens patch projections), per stack."""
+    sizes: dict[str, tuple[int, ...]] = {}
+    for prefix, c in _stacks(cfg).items():
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        for kind in ("weight", "bias"):
+            sizes[f"{prefix}attn.qkv_proj.{kind}"] = (q, kv, kv)
+            sizes[f"{prefix}cross_attn.kv_proj.{kind}"] = (kv, kv)
+            sizes[f"{prefix}mlp.up.{kind}"] = (c.d_ff, c.d_ff)
+        if c.family == "vit":
+            sizes[f"{prefix}embed.project.weight"] = (c.n_channels, c.patch_size, c.patch_size)
+    return sizes
 
 
 def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
@@ -209,12 +242,13 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
     is renamed into place; an existing HF checkpoint (or empty directory) at `out` is replaced only
     after that succeeds, and any other existing path is refused.
     """
-    cfg: ModelConfig = model.config
+    cfg: ModelConfig | CLIPConfig = model.config
     hf = config_to_hf(cfg)
     aliases = tied_aliases(model)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k not in aliases}
     rules = hf_keymap(cfg, hf["model_type"], hf["architectures"][0])
-    tensors = from_qkv_state_dict(state, rules, cfg.n_layers, _split_sizes(cfg), cfg.n_decoder_layers)
+    n_i, n_j = _depths(cfg)
+    tensors = from_qkv_state_dict(state, rules, n_i, _split_sizes(cfg), n_j)
     out = Path(out)
     check_replaceable(out, is_hf_dir, "Hugging Face checkpoint")
     with atomic_directory(out) as tmp:

@@ -13,6 +13,7 @@ from typing import Any
 from qkv.checkpoints.hf_families import GATED_ACTS, HF_ENCODER_ARCHITECTURES, HF_FAMILIES, PLAIN_ACTS
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
+from qkv.models.vision import CLIPConfig
 
 __all__ = ["HF_ENCODER_ARCHITECTURES", "HF_FAMILIES", "config_from_hf", "config_to_hf", "hf_model_type"]
 
@@ -83,6 +84,8 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
             f"{origin}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(HF_FAMILIES))}"
         )
     family = HF_FAMILIES[model_type]
+    if "towers" in family:
+        return _towers_from_hf(hf, family, origin)
     for flag in family.get("unsupported_true", ()):
         if hf.get(flag):
             raise CheckpointError(f"{origin}: {flag}=true is not supported by qkv's {model_type} implementation")
@@ -99,13 +102,13 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
     architecture = None
     if values["family"] == "seq2seq":
         values.update(_seq2seq_values(hf, model_type, family, origin))
-    if values["family"] == "encoder":
+    if family.get("heads_by_architecture"):
         values.update(_encoder_values(hf, model_type, family, origin))
         architecture = values.pop("extra_architecture")
         if values.get("positions_skip_padding") and "max_seq_len" in values:
             values["max_seq_len"] -= values["position_offset"]  # the table's first rows serve padding
     for required in ("vocab_size", "d_model", "n_layers", "n_heads"):
-        if required not in values:
+        if values.get(required) is None and not (required == "vocab_size" and values["family"] == "vit"):
             name = family["fields"][required]
             raise CheckpointError(f"{origin}: missing required field {name!r} for model_type {model_type!r}")
     act = hf.get(family["activation"])
@@ -131,14 +134,32 @@ def config_from_hf(hf: dict[str, Any], origin: str = "config.json") -> ModelConf
         # HF configs often keep a family default (GPT-2's 50256) on resized vocabularies; HF itself
         # only warns. An id the model cannot emit is dropped rather than carried into generation.
         value = values.get(name)
+        vocab = values.get("vocab_size") or 0
         if isinstance(value, list):
-            value = [i for i in value if isinstance(i, int) and 0 <= i < values["vocab_size"]] or None
-        elif value is not None and not (isinstance(value, int) and 0 <= value < values["vocab_size"]):
+            value = [i for i in value if isinstance(i, int) and 0 <= i < vocab] or None
+        elif value is not None and not (isinstance(value, int) and 0 <= value < vocab):
             value = None
         values[name] = value
     values["extra"] = {"hf_model_type": model_type, **({"hf_architecture": architecture} if architecture else {})}
     try:
         return ModelConfig(**values)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{origin}: {exc}") from exc
+
+
+def _towers_from_hf(hf: dict[str, Any], family: dict[str, Any], origin: str) -> CLIPConfig:
+    """CLIP: each tower's config translated as its own family, plus the shared space's settings."""
+    towers = {}
+    for name, (key, model_type) in family["towers"].items():
+        sub = hf.get(key)
+        if not isinstance(sub, dict):
+            raise CheckpointError(f"{origin}: missing {key!r} (an object describing CLIP's {name} tower)")
+        towers[name] = config_from_hf({**sub, "model_type": model_type}, origin=f"{origin} ({key})")
+    try:
+        return CLIPConfig(
+            **towers, projection_dim=int(hf.get("projection_dim", 512)),
+            logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)),
+        )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{origin}: {exc}") from exc
 
@@ -171,6 +192,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
         kinds = {"t5": "t5", "learned": "bart", "sinusoidal": "marian"}
         if cfg.position in kinds and (cfg.position != "sinusoidal" or cfg.sinusoid_layout == "halves"):
             return kinds[cfg.position]
+    if cfg.family == "vit" and not cfg.norm_pooled_only:
+        return "vit"
     if cfg.family == "encoder":
         if cfg.positions_skip_padding:
             return "roberta"
@@ -197,9 +220,14 @@ def hf_encoder_architecture(cfg: ModelConfig, model_type: str) -> str:
     )
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The HF config.json dict for `cfg` (inverse of `config_from_hf`)."""
-    model_type = hf_model_type(cfg)
+def config_to_hf(cfg: ModelConfig | CLIPConfig, model_type: str | None = None) -> dict[str, Any]:
+    """The HF config.json dict for `cfg` (inverse of `config_from_hf`); model_type: a CLIP tower's."""
+    if isinstance(cfg, CLIPConfig):
+        family = HF_FAMILIES["clip"]
+        hf = {key: config_to_hf(getattr(cfg, name), sub) for name, (key, sub) in family["towers"].items()}
+        return {**hf, "model_type": "clip", "architectures": [family["architecture"]],
+                "projection_dim": cfg.projection_dim, "logit_scale_init_value": cfg.logit_scale_init}  # fmt: skip
+    model_type = model_type or hf_model_type(cfg)
     family = HF_FAMILIES[model_type]
     hf: dict[str, Any] = {"model_type": model_type}
     for ours, theirs in family["fields"].items():
@@ -214,14 +242,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["architectures"] = [family["architecture"]]
         hf["is_encoder_decoder"] = True
         hf["forced_eos_token_id"] = None  # qkv forces no token; HF would at max_length for BART/Marian
-    elif cfg.family == "encoder":
+    elif family.get("heads_by_architecture"):
         hf["architectures"] = [hf_encoder_architecture(cfg, model_type)]
         hf["num_labels"] = cfg.num_labels
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
         if cfg.positions_skip_padding:
             hf["max_position_embeddings"] = cfg.max_seq_len + cfg.position_offset
-    else:
+    elif model_type in architectures:
         hf["architectures"] = [architectures[model_type]]
     if cfg.position == "rope":
         hf["rope_theta"] = cfg.rope_theta

@@ -3,7 +3,8 @@
 `HF_FAMILIES[model_type]` holds "fields" (qkv name -> HF name), "fixed" (what the family fixes),
 "activation" (the HF field naming the MLP activation) and, where needed, "activations" (a
 family's own activation names), "same_as" (HF fields that must equal another), "unsupported_true"
-and "unsupported_values" (settings qkv refuses), "architecture" (the HF class written on export).
+and "unsupported_values" (settings qkv refuses), "architecture" (the HF class written on export),
+"heads_by_architecture" (the head comes from `architectures`, via HF_ENCODER_ARCHITECTURES).
 `HF_ENCODER_ARCHITECTURES` chooses the head of a BERT-family checkpoint by its `architectures`.
 `qkv.checkpoints.hf_config` reads these tables; adding a family is adding an entry here.
 """
@@ -106,6 +107,7 @@ for _model_type, _extra in (
         "fixed": _BERT_FIXED,
         "activation": "hidden_act",
         "unsupported_values": {"position_embedding_type": ("absolute", None)},
+        "heads_by_architecture": True,  # see HF_ENCODER_ARCHITECTURES
         **_extra,
     }
 
@@ -125,6 +127,80 @@ HF_ENCODER_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "ElectraForMaskedLM": dict(head="mlm"),
     "ElectraForSequenceClassification": dict(head="classification", classifier="dense_gelu"),
     "ElectraForTokenClassification": dict(head="token_classification"),
+    "ViTModel": dict(head="none", pooler=True),
+    "ViTForImageClassification": dict(head="classification", classifier="first_token"),
+}
+
+# Vision (pre-norm, [CLS] + patches; no vocabulary). The position table and the patch projection's
+# layout are the key map's business (`keymaps.VIT`).
+_VISION_FIELDS = {
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "d_ff": "intermediate_size",
+    "norm_eps": "layer_norm_eps",
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "n_channels": "num_channels",
+}
+_VISION_FIXED = dict(
+    family="vit", vocab_size=None, norm="layernorm", norm_position="pre", position="learned", qkv_bias=True,
+    attn_out_bias=True, mlp_bias=True,
+)  # fmt: skip
+HF_FAMILIES["vit"] = {
+    "fields": {**_VISION_FIELDS, "qkv_bias": "qkv_bias"},
+    "fixed": {**_VISION_FIXED, "mlp": "gelu", "norm_eps": 1e-12},
+    "activation": "hidden_act",
+    "heads_by_architecture": True,
+}
+# CLIP's towers; a "clip" config.json nests one of each (see `hf_config.clip_config_from_hf`).
+HF_FAMILIES["clip_text_model"] = {
+    "fields": {
+        "vocab_size": "vocab_size",
+        "d_model": "hidden_size",
+        "n_layers": "num_hidden_layers",
+        "n_heads": "num_attention_heads",
+        "d_ff": "intermediate_size",
+        "norm_eps": "layer_norm_eps",
+        "max_seq_len": "max_position_embeddings",
+        "bos_token_id": "bos_token_id",
+        "eos_token_id": "eos_token_id",
+        "pad_token_id": "pad_token_id",
+    },
+    # A causal text tower (CLIP runs it causally) with no head, pooled at the end-of-text token.
+    "fixed": dict(
+        family="encoder",
+        norm="layernorm",
+        norm_position="pre",
+        position="learned",
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        mlp="quick_gelu",
+        norm_eps=1e-5,
+        tie_embeddings=False,
+        head="none",
+        max_seq_len=77,
+    ),
+    "activation": "hidden_act",
+}
+# CLIP: one config.json with a config per tower (model_type within them is ignored).
+HF_FAMILIES["clip"] = {
+    "towers": {"text": ("text_config", "clip_text_model"), "vision": ("vision_config", "clip_vision_model")},
+    "architecture": "CLIPModel",
+}
+HF_FAMILIES["clip_vision_model"] = {
+    "fields": _VISION_FIELDS,
+    # pre_layrnorm after the embeddings; post_layernorm on the pooled [CLS] only; no patch bias.
+    "fixed": {
+        **_VISION_FIXED,
+        "mlp": "quick_gelu",
+        "norm_eps": 1e-5,
+        "embed_norm": True,
+        "patch_bias": False,
+        "norm_pooled_only": True,
+    },
+    "activation": "hidden_act",
 }
 
 
@@ -200,5 +276,6 @@ PLAIN_ACTS = {
     "relu": "relu",
     "swish": "silu",
     "silu": "silu",
+    "quick_gelu": "quick_gelu",
 }
 GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh"}

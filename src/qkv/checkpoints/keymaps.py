@@ -130,12 +130,14 @@ ENCODER_HEADS: dict[str, dict[str, tuple[KeyRule, ...]]] = {
 }  # fmt: skip
 
 
+def with_prefix(rules: tuple[KeyRule, ...], prefix: str) -> tuple[KeyRule, ...]:
+    """The rules with their `{p}` filled in: "" for a bare model, "bert." etc. under a head."""
+    return tuple(KeyRule(r.target, tuple(s.replace("{p}", prefix) for s in r.sources), r.transform) for r in rules)
+
+
 def encoder_keymap(model_type: str, head: str, prefix: str) -> tuple[KeyRule, ...]:
     """The body's rules under `prefix` plus the rules of `head` for a BERT-family model_type."""
-    body = tuple(
-        KeyRule(r.target, tuple(s.replace("{p}", prefix) for s in r.sources), r.transform) for r in ENCODER_BODY
-    )
-    return body + ENCODER_HEADS[model_type].get(head, ())
+    return with_prefix(ENCODER_BODY, prefix) + ENCODER_HEADS[model_type].get(head, ())
 
 
 # Encoder-decoders: "encoder." and "decoder." stacks; `{j}` stands for a decoder layer index (the
@@ -210,6 +212,65 @@ def _t5(gated: bool) -> tuple[KeyRule, ...]:
 
 T5, T5_GATED = _t5(gated=False), _t5(gated=True)
 
+# ViT: HF keeps the [CLS] vector and the position table with a leading batch dim and the patch
+# projection as a convolution; qkv keeps them as [1, D], an embedding table and a linear layer.
+# `{p}` is "" for ViTModel and "vit." under a head.
+_V = "{p}encoder.layer.{i}."
+
+
+def _plain_layer(src: str, dst: str, names: dict[str, str]) -> list[tuple]:
+    """Rows for one pre-norm layer whose HF names `names` gives for: q, k, v, o, norm1, norm2, fc1, fc2."""
+    rows = []
+    for kind in ("weight", "bias"):
+        rows += [
+            (dst + f"attn.qkv_proj.{kind}", [src + f"{names[p]}.{kind}" for p in "qkv"]),
+            (dst + f"attn.o_proj.{kind}", src + f"{names['o']}.{kind}"),
+            (dst + f"attn_norm.{kind}", src + f"{names['norm1']}.{kind}"),
+            (dst + f"mlp_norm.{kind}", src + f"{names['norm2']}.{kind}"),
+            (dst + f"mlp.up.{kind}", src + f"{names['fc1']}.{kind}"),
+            (dst + f"mlp.down.{kind}", src + f"{names['fc2']}.{kind}"),
+        ]
+    return rows
+
+
+VIT = _rules(
+    ("embed.cls", "{p}embeddings.cls_token", "drop_batch_dim"),
+    ("embed.positions.weight", "{p}embeddings.position_embeddings", "drop_batch_dim"),
+    ("embed.project.weight", "{p}embeddings.patch_embeddings.projection.weight", "conv_to_linear"),
+    ("embed.project.bias", "{p}embeddings.patch_embeddings.projection.bias"),
+    *_plain_layer(_V, _B, {"q": "attention.attention.query", "k": "attention.attention.key",
+                           "v": "attention.attention.value", "o": "attention.output.dense", "norm1": "layernorm_before",
+                           "norm2": "layernorm_after", "fc1": "intermediate.dense", "fc2": "output.dense"}),
+    ("norm.weight", "{p}layernorm.weight"),
+    ("norm.bias", "{p}layernorm.bias"),
+    ("pooler.dense.weight", "{p}pooler.dense.weight"),
+    ("pooler.dense.bias", "{p}pooler.dense.bias"),
+    ("head.out_proj.weight", "classifier.weight"),
+    ("head.out_proj.bias", "classifier.bias"),
+)  # fmt: skip
+
+# CLIP: the text tower's layers are `{i}`, the vision tower's `{j}` (the towers' depths differ).
+_CLIP_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+               "norm1": "layer_norm1", "norm2": "layer_norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}  # fmt: skip
+CLIP = _rules(
+    ("text.embed.tokens.weight", "text_model.embeddings.token_embedding.weight"),
+    ("text.embed.positions.weight", "text_model.embeddings.position_embedding.weight"),
+    *_plain_layer("text_model.encoder.layers.{i}.", "text.blocks.{i}.", _CLIP_LAYER),
+    ("text.norm.weight", "text_model.final_layer_norm.weight"),
+    ("text.norm.bias", "text_model.final_layer_norm.bias"),
+    ("vision.embed.cls", "vision_model.embeddings.class_embedding", "add_batch_dim"),
+    ("vision.embed.positions.weight", "vision_model.embeddings.position_embedding.weight"),
+    ("vision.embed.project.weight", "vision_model.embeddings.patch_embedding.weight", "conv_to_linear"),
+    ("vision.embed.norm.weight", "vision_model.pre_layrnorm.weight"),
+    ("vision.embed.norm.bias", "vision_model.pre_layrnorm.bias"),
+    *_plain_layer("vision_model.encoder.layers.{j}.", "vision.blocks.{j}.", _CLIP_LAYER),
+    ("vision.norm.weight", "vision_model.post_layernorm.weight"),
+    ("vision.norm.bias", "vision_model.post_layernorm.bias"),
+    ("text_projection.weight", "text_projection.weight"),
+    ("visual_projection.weight", "visual_projection.weight"),
+    ("logit_scale", "logit_scale"),
+)
+
 # Hugging Face `model_type` -> key map. Families that differ from LLaMA only in config share it.
 HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
     "gpt2": GPT2,
@@ -219,6 +280,8 @@ HF_KEYMAPS: dict[str, tuple[KeyRule, ...]] = {
     "bart": BART,
     "marian": BART,
     "t5": T5,  # T5_GATED when the FFN is gated (see `qkv.checkpoints.hf.hf_keymap`)
+    "vit": VIT,  # its {p} prefix is filled by `qkv.checkpoints.hf.hf_keymap`
+    "clip": CLIP,
 }
 
 

@@ -8,9 +8,16 @@ from qkv.models.encoder import Encoder
 from qkv.models.output import ModelOutput
 from qkv.models.seq2seq import EncoderDecoder
 from qkv.models.stack import TransformerStack
+from qkv.models.vision import CLIP, CLIPConfig, VisionTransformer
 
 # ModelConfig.family -> the class that builds it.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": Encoder, "seq2seq": EncoderDecoder}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "decoder": DecoderLM,
+    "encoder": Encoder,
+    "seq2seq": EncoderDecoder,
+    "vit": VisionTransformer,
+    "clip": CLIP,
+}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -21,12 +28,15 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 __all__ = [
+    "CLIP",
     "MODEL_CLASSES",
+    "CLIPConfig",
     "DecoderLM",
     "Encoder",
     "EncoderDecoder",
     "ModelOutput",
     "TransformerStack",
+    "VisionTransformer",
     "build_model",
     "early_exit_draft",
 ]

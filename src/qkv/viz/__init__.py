@@ -2,5 +2,6 @@
 
 from qkv.viz.attention import attention_maps, plot_attention
 from qkv.viz.loss_curve import plot_loss_curve
+from qkv.viz.rollout import attention_rollout, plot_image_attention
 
-__all__ = ["attention_maps", "plot_attention", "plot_loss_curve"]
+__all__ = ["attention_maps", "attention_rollout", "plot_attention", "plot_image_attention", "plot_loss_curve"]

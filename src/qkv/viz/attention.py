@@ -17,16 +17,21 @@ KINDS = ("self", "encoder", "cross")
 def attention_maps(
     model: torch.nn.Module, input_ids: torch.Tensor, target_ids: torch.Tensor | None = None, kind: str = "self"
 ) -> torch.Tensor:
-    """Attention weights of every layer for one sequence: input_ids [1, T] -> [L, H, T, T].
+    """Attention weights of every layer for one sequence: input_ids [1, T] -> [L, H, T, T]
+    (a ViT takes one image [1, C, H, W] as input_ids and gives [L, H, 1 + N, 1 + N]).
 
     Encoder-decoders take the source as input_ids [1, S] and the target as target_ids [1, T]:
     kind "self" gives the decoder's maps [L, H, T, T], "encoder" the encoder's [L, H, S, S] and
     "cross" the decoder-to-source maps [L, H, T, S].
     """
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise UsageError(f"attention_maps takes one sequence of shape [1, T], got {tuple(input_ids.shape)}")
+    if input_ids.shape[0] != 1 or input_ids.dim() != (4 if getattr(model.config, "family", None) == "vit" else 2):
+        raise UsageError(
+            f"attention_maps takes one sequence [1, T] (a ViT: one image [1, C, H, W]), got {tuple(input_ids.shape)}"
+        )
     if kind not in KINDS:
         raise UsageError(f"unknown attention kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if getattr(model.config, "family", None) == "vit":  # input_ids are the pixel values [1, C, H, W]
+        return torch.stack([a[0].float() for a in model(input_ids, output_attentions=True).attentions])
     seq2seq = getattr(model, "is_encoder_decoder", False)
     if seq2seq != (target_ids is not None) or (kind != "self" and not seq2seq):
         raise UsageError(

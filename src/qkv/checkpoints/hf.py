@@ -33,6 +33,7 @@ from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
 from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
+from qkv.image import ImagePreprocessing, default_preprocessing, save_preprocessing
 from qkv.models.vision import CLIPConfig
 
 
@@ -185,6 +186,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
     state = {k: v.to(dtype) for k, v in state.items()}
     model = materialize(cfg, state, origin=str(path))
     model.tokenizer = _tokenizer_if_present(path)
+    if isinstance(cfg, CLIPConfig) or cfg.family == "vit":  # how images become pixel_values
+        model.preprocessing = ImagePreprocessing.from_dir(path) or default_preprocessing(cfg)
     return model
 
 
@@ -256,4 +259,6 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save(tmp)
+        if getattr(model, "preprocessing", None) is not None:
+            save_preprocessing(model.preprocessing, tmp)
     return out

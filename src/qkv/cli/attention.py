@@ -2,6 +2,8 @@
 
 For an encoder-decoder, --prompt is the source and --target the decoder's text; --kind chooses
 the decoder's self-attention, the encoder's, or the cross-attention (target rows x source columns).
+For a ViT or CLIP model, --image draws the [CLS] token's attention over the patches per layer and
+head, and the attention rollout laid over the image.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from qkv.errors import UsageError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attention", help="draw attention maps for a prompt", description=__doc__)
     add_model_argument(p)
-    p.add_argument("--prompt", required=True, help="the text (an encoder-decoder's source)")
+    p.add_argument("--prompt", default=None, help="the text (an encoder-decoder's source)")
+    p.add_argument("--image", default=None, help="an image file, for ViT and CLIP models")
     p.add_argument("--target", default=None, help="encoder-decoders: the decoder's text")
     p.add_argument("--kind", choices=("self", "encoder", "cross"), default=None,
                    help="encoder-decoders: which attention to draw (default: cross)")  # fmt: skip
@@ -39,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from qkv.viz import attention_maps, plot_attention
 
     model = load(args.model).eval()
+    if args.image is not None:
+        return _image_attention(model, args)
+    if args.prompt is None:
+        raise UsageError("give --prompt (text models) or --image (ViT and CLIP models)")
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"{args.model} carries no tokenizer, so the prompt cannot be encoded")
@@ -62,4 +69,27 @@ def run(args: argparse.Namespace) -> int:
         key_tokens=labels(cols),
     )  # fmt: skip
     print(f"attention map ({weights.shape[0]} layers x {weights.shape[1]} heads) written to {path}")
+    return 0
+
+
+def _image_attention(model, args: argparse.Namespace) -> int:
+    """The picture for a ViT (or CLIP's vision tower): rollout over the image, [CLS] maps per head."""
+    import torch
+
+    from qkv.image import preprocess
+    from qkv.viz import attention_maps, plot_image_attention
+
+    recipe = getattr(model, "preprocessing", None)
+    vision = getattr(model, "vision", model)  # CLIP: its image tower
+    if recipe is None or getattr(vision.config, "family", None) != "vit":
+        raise UsageError(f"{args.model} is not an image model (ViT or CLIP); --image needs one")
+    pixels = preprocess(args.image, recipe, vision.config.n_channels)
+    weights = attention_maps(vision, pixels)
+    mean, std = torch.tensor(recipe.mean)[:, None, None], torch.tensor(recipe.std)[:, None, None]
+    shown = (pixels[0] * std[: pixels.shape[1]] + mean[: pixels.shape[1]]).permute(1, 2, 0).clamp(0, 1).numpy()
+    grid = (pixels.shape[2] // vision.config.patch_size, pixels.shape[3] // vision.config.patch_size)
+    path = plot_image_attention(weights, shown, grid, args.out, layers=args.layers, heads=args.heads,
+                                title=str(args.image)[-60:])  # fmt: skip
+    print(f"attention over {grid[0]}x{grid[1]} patches ({weights.shape[0]} layers x {weights.shape[1]} heads) "
+          f"and its rollout written to {path}")  # fmt: skip
     return 0

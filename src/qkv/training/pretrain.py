@@ -19,6 +19,7 @@ import torch
 
 from qkv.checkpoints.native import load_native
 from qkv.config import ModelConfig
+from qkv.errors import UsageError
 from qkv.models import DecoderLM
 from qkv.training.data import BlockLoader, corpus_files, load_corpus
 from qkv.training.trainer import CHECKPOINT_DIR, Trainer, TrainingConfig
@@ -71,15 +72,15 @@ def pretrain(
     """
     if resume:
         if not config.out_dir:
-            raise ValueError("resume needs the run directory (out_dir) holding checkpoint/")
+            raise UsageError("resume needs the run directory (out_dir) holding checkpoint/")
         checkpoint = Path(config.out_dir) / CHECKPOINT_DIR
         model = load_native(checkpoint)
         tokenizer = model.tokenizer
         if tokenizer is None:
-            raise ValueError(f"{checkpoint} has no tokenizer.json, so the corpus cannot be re-encoded for resume")
+            raise UsageError(f"{checkpoint} has no tokenizer.json, so the corpus cannot be re-encoded for resume")
     else:
         if config.out_dir and (Path(config.out_dir) / CHECKPOINT_DIR).exists():
-            raise ValueError(
+            raise UsageError(
                 f"{config.out_dir} already holds a run (checkpoint/); resume it or choose another run directory"
             )
         seed_everything(seed)
@@ -95,7 +96,7 @@ def pretrain(
     max_len = model.config.max_seq_len
     seq_len = seq_len or min(256, max_len)
     if seq_len > max_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {max_len} tokens (max_seq_len)")
+        raise UsageError(f"seq_len={seq_len} exceeds the model's context of {max_len} tokens (max_seq_len)")
     data = load_corpus(corpus, tokenizer, seq_len, val_fraction, eos_id=getattr(tokenizer, "eos_token_id", None))
     loader = BlockLoader(data.train, batch_size, seed=seed)
     if resume:

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qkv.checkpoints.native import load_native, load_training_state, save_native
-from qkv.errors import QkvError
+from qkv.errors import QkvError, UsageError
 from qkv.training.data import causal_lm_batch, iter_blocks
 from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer
@@ -81,14 +81,14 @@ class TrainingConfig:
         self.betas = tuple(self.betas)
         for name in ("steps", "grad_accum"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 1")
+                raise UsageError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 1")
         for name in ("warmup_steps", "eval_every", "save_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 0")
+                raise UsageError(f"TrainingConfig.{name}={getattr(self, name)} must be >= 0")
         if not self.lr > 0:
-            raise ValueError(f"TrainingConfig.lr={self.lr} must be > 0")
+            raise UsageError(f"TrainingConfig.lr={self.lr} must be > 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainingConfig.grad_clip={self.grad_clip} must be > 0 (or None for no clipping)")
+            raise UsageError(f"TrainingConfig.grad_clip={self.grad_clip} must be > 0 (or None for no clipping)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -238,7 +238,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Mean loss and perplexity (exp of the mean loss) over the validation blocks."""
         if self.val_blocks is None:
-            raise ValueError("evaluate() needs validation blocks (val_blocks)")
+            raise UsageError("evaluate() needs validation blocks (val_blocks)")
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
@@ -283,7 +283,7 @@ class Trainer:
         """Write model + training state as a native checkpoint (default: <out_dir>/checkpoint)."""
         path = path or self.checkpoint_path
         if path is None:
-            raise ValueError("save() needs a path, or TrainingConfig.out_dir to save into")
+            raise UsageError("save() needs a path, or TrainingConfig.out_dir to save into")
         return save_native(self.model, path, training_state=self.state_dict())
 
     @classmethod

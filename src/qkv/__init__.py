@@ -31,6 +31,7 @@ _EXPORTS = {
     "generate": "qkv.generation",
     "complete": "qkv.generation.text",
     "stream": "qkv.generation.text",
+    "embed": "qkv.embedding",
     "load": "qkv.loading",
     "Tokenizer": "qkv.tokenizer",
     "load_tokenizer": "qkv.tokenizer",

@@ -3,6 +3,7 @@ noise objectives' batches have the layout `EncoderDecoder` trains on."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qkv.config import ModelConfig
@@ -79,3 +80,23 @@ def test_denoising_batch_targets_are_the_text():
     for row in range(2):
         assert [t for t in batch["labels"][row].tolist() if t != -100] == [*blocks[row].tolist(), EOS]
         assert 4 in batch["input_ids"][row].tolist()
+
+
+@pytest.mark.parametrize("objective", ["span", "denoise"])
+def test_noise_objective_losses_fall_on_a_small_corpus(objective):
+    text = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. " * 40
+    ids = torch.tensor([5 + (ord(c) % 40) for c in text])
+    blocks = ids[: len(ids) // 24 * 24].reshape(-1, 24)
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="seq2seq", vocab_size=64, d_model=48, n_layers=2, n_heads=4, d_ff=96, max_seq_len=48,
+                      norm_position="pre", position="learned", pad_token_id=PAD, eos_token_id=EOS,
+                      decoder_start_token_id=START)  # fmt: skip
+    collate = (
+        SpanCorruptionCollate(list(range(63, 45, -1)), EOS, PAD, seed=0)
+        if objective == "span"
+        else DenoisingCollate(mask_id=4, eos_id=EOS, pad_id=PAD, seed=0, sentence_end_ids=[5 + ord(".") % 40])
+    )
+    trainer = Trainer(EncoderDecoder(cfg), TrainingConfig(steps=80, lr=3e-3, warmup_steps=10, progress=False),
+                      BlockLoader(blocks, batch_size=16, seed=0), collate=collate)  # fmt: skip
+    losses = [r["loss"] for r in trainer.train()]
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("queries", nargs="+", metavar="QUERY", help="what to look for (several: one ranking each)")
     p.add_argument("--corpus", required=True, metavar="DIR", help="folder of text files (searched recursively)")
     p.add_argument("--top-k", type=positive_int, default=5, help="results per query (default 5)")
-    p.add_argument("--files", action="store_true", help="rank whole files (their first 256 tokens), not lines")
+    p.add_argument("--files", action="store_true", help="rank whole files, not lines (each up to the model's length)")
     p.add_argument("--ext", action="append", default=None, metavar="EXT",
                    help=f"file endings to read, repeatable or comma-separated (default: "
                         f"{','.join(s.lstrip('.') for s in DEFAULT_SUFFIXES)}); 'all' reads every file")  # fmt: skip

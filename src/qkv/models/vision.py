@@ -194,13 +194,13 @@ class CLIP(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        return_loss: bool = False,
+        return_loss: bool | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
     ) -> CLIPOutput:
         """Similarity logits of every image with every text; return_loss adds `clip_loss` (the i-th
-        text belongs with the i-th image)."""
+        text belongs with the i-th image); None: in training mode only (so the Trainer gets a loss)."""
         outputs = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         pooled_text, text_out = self.text_features(input_ids, attention_mask, **outputs)
         vision_out = self.vision(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **outputs)
@@ -209,6 +209,7 @@ class CLIP(nn.Module):
         logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
         return CLIPOutput(
             logits_per_image=logits_per_text.t(), logits_per_text=logits_per_text, text_embeds=text_embeds,
-            image_embeds=image_embeds, loss=clip_loss(logits_per_text) if return_loss else None,
+            image_embeds=image_embeds,
+            loss=clip_loss(logits_per_text) if (self.training if return_loss is None else return_loss) else None,
             text_output=text_out, vision_output=vision_out,
         )  # fmt: skip

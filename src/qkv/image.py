@@ -45,7 +45,7 @@ class ImagePreprocessing:
     rescale: float = 1 / 255
     mean: tuple[float, ...] = IMAGENET_STANDARD
     std: tuple[float, ...] = IMAGENET_STANDARD
-    convert_rgb: bool = False  # grayscale or RGBA in: convert to RGB (else an RGB model refuses it)
+    convert_rgb: bool = False  # convert to the model's mode (RGB, or grayscale "L" for 1 channel); else refuse
 
     def __post_init__(self) -> None:
         if self.resample not in RESAMPLE:
@@ -176,7 +176,10 @@ def preprocess(images: Sequence[Any] | Any, recipe: ImagePreprocessing, n_channe
         raise ImageError("no images given")
     out = []
     for image in images:
-        pil = read_image(image, recipe.convert_rgb)
+        pil = read_image(image)
+        mode = "RGB" if n_channels == 3 else "L"
+        if recipe.convert_rgb and pil.mode != mode:
+            pil = pil.convert(mode)
         if pil.mode not in ("RGB", "L"):
             raise ImageError(f"an image in mode {pil.mode} needs converting to RGB first (convert_rgb=True)")
         channels = 3 if pil.mode == "RGB" else 1

@@ -153,3 +153,20 @@ def test_bad_images_are_clear_errors(root):
         model(torch.randn(1, 3, 22, 22), interpolate_pos_encoding=True)
     with pytest.raises(ValueError, match=r"pixel_values must be a float tensor \[batch, channels, height, width\]"):
         model(torch.randn(3, 20, 20))
+
+
+@pytest.mark.parametrize("case", ["vit-classifier", "clip"])
+def test_native_checkpoints_keep_weights_and_preprocessing(case, root, tmp_path):
+    from qkv.checkpoints import save_native
+
+    _, model, _ = _pair(case, root)
+    again = qkv.load(save_native(model, tmp_path / "native"))
+    assert type(again) is type(model) and again.preprocessing == model.preprocessing
+    pixels = _pixels(batch=3)
+    with torch.no_grad():
+        if case == "clip":
+            ids, mask = _texts()
+            a, b = model(ids, pixels, mask).logits_per_text, again(ids, pixels, mask).logits_per_text
+        else:
+            a, b = model(pixels).logits, again(pixels).logits
+    assert torch.equal(a, b)

@@ -32,6 +32,8 @@ from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
 from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
+from qkv.image import ImagePreprocessing, default_preprocessing, save_preprocessing
+from qkv.models.vision import CLIPConfig
 
 FORMAT = "qkv"
 FORMAT_VERSION = 1
@@ -52,7 +54,7 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
     checkpoint at `path` is replaced; a directory that is not a qkv checkpoint is never touched.
     """
     cfg = getattr(model, "config", None)
-    if not isinstance(cfg, ModelConfig):
+    if not isinstance(cfg, ModelConfig | CLIPConfig):
         raise TypeError(f"save_native needs a model with a ModelConfig at .config, got {type(cfg).__name__}")
     path = Path(path)
     check_replaceable(path, is_native_checkpoint, "qkv checkpoint")
@@ -65,6 +67,8 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
         aliases = tied_aliases(model)
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
         save_safetensors(weights, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        if getattr(model, "preprocessing", None) is not None:
+            save_preprocessing(model.preprocessing, tmp)
         if training_state is not None:
             torch.save(training_state, tmp / TRAINING_STATE_FILE)
     return path
@@ -90,7 +94,7 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def read_native_config(path: str | os.PathLike) -> ModelConfig:
+def read_native_config(path: str | os.PathLike) -> ModelConfig | CLIPConfig:
     """The ModelConfig of a native checkpoint; CheckpointError says what is wrong with config.json."""
     path = Path(path)
     _check_directory(path)
@@ -111,8 +115,10 @@ def read_native_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(data.get("config"), dict):
         raise CheckpointError(f'{file} has no "config" object with the model\'s hyper-parameters')
     try:
+        if data["config"].get("family") == CLIPConfig.family:  # two towers, each a ModelConfig
+            return CLIPConfig.from_dict(data["config"])
         return ModelConfig.from_dict(data["config"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{file} holds an invalid model config: {exc}") from None
 
 
@@ -142,7 +148,11 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint has no weights")
     weights = SafetensorsFile(file)  # header validated against the file before any tensor is read
-    check_config_fits(cfg, weights.shapes(), LAYER_PATTERNS, str(file))
+    if isinstance(cfg, CLIPConfig):
+        for name, tower in (("text", cfg.text), ("vision", cfg.vision)):
+            check_config_fits(tower, weights.shapes(), (f"{name}.blocks.{{i}}.",), str(file))
+    else:
+        check_config_fits(cfg, weights.shapes(), LAYER_PATTERNS, str(file))
     meta = build_on_meta(cfg)
     aliases = tied_aliases(meta)
     _check_tensors(file, weights.header, {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases})
@@ -150,6 +160,8 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
     model = materialize(cfg, state, resolve_dtype(dtype), origin=str(file))
     if (path / TOKENIZER_FILE).is_file():
         model.tokenizer = _load_tokenizer(path)
+    if isinstance(cfg, CLIPConfig) or cfg.family == "vit":
+        model.preprocessing = ImagePreprocessing.from_dir(path) or default_preprocessing(cfg)
     return model
 
 

@@ -13,7 +13,11 @@ LR. Around it: eval loss/perplexity on the validation blocks, a NaN/inf guard, a
     trainer.train()
 
 The batch comes from `collate(blocks)`; the default is the causal-LM objective. Other objectives
-(masked LM, span corruption, ...) plug in as other collates.
+plug in as other collates (`MaskedLMCollator`, `classification_batch`), with an `eval_collate` for
+the validation blocks and an `accuracy` that evaluation reports next to the loss. A collate with
+`state_dict()` (its random generator) is saved and restored with the run. A model that trains as
+more than it saves (`SavesPart`: ELECTRA's generator + discriminator) saves `checkpoint_model()`
+as the checkpoint and keeps the rest in training_state.pt.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -55,6 +59,33 @@ class BatchSource(Protocol):
     def next_batch(self) -> torch.Tensor: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class StatefulCollate(Protocol):
+    """A collate that draws random numbers from a generator of its own (e.g. `MaskedLMCollator`)."""
+
+    def __call__(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class SavesPart(Protocol):
+    """A model that trains as more than it saves (ELECTRA: generator + discriminator).
+
+    `checkpoint_model()` is what the checkpoint holds (what `qkv.load` gives back); `extra_state()`
+    (plain tensors and containers) is the rest, kept in training_state.pt for an exact resume.
+    """
+
+    def checkpoint_model(self) -> nn.Module: ...
+    def extra_state(self) -> dict[str, Any]: ...
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
+
+
+# (batch, model output) -> (correct predictions, predictions counted), summed over an evaluation.
+Accuracy = Callable[[dict[str, torch.Tensor], Any], tuple[int, int]]
+Collate = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -130,14 +161,20 @@ class Trainer:
         config: TrainingConfig,
         train_data: BatchSource,
         val_blocks: torch.Tensor | None = None,
-        collate: Callable[[torch.Tensor], dict[str, torch.Tensor]] = causal_lm_batch,
+        collate: Collate = causal_lm_batch,
         eval_batch_size: int | None = None,
+        eval_collate: Collate | None = None,
+        accuracy: Accuracy | None = None,
     ) -> None:
+        """collate: training blocks -> batch; eval_collate: validation blocks -> batch (default:
+        collate); accuracy: counted at each evaluation and logged as `eval_accuracy`."""
         self.model = model
         self.config = config
         self.train_data = train_data
         self.val_blocks = val_blocks if val_blocks is not None and len(val_blocks) else None
         self.collate = collate
+        self.eval_collate = eval_collate or collate
+        self.accuracy = accuracy
         self.eval_batch_size = eval_batch_size or getattr(train_data, "batch_size", 8)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.eps)
         min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
@@ -157,9 +194,9 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self._device().type, dtype=torch.bfloat16, enabled=self.config.bf16)
 
-    def _batch(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _batch(self, blocks: torch.Tensor, collate: Collate | None = None) -> dict[str, torch.Tensor]:
         device = self._device()
-        return {k: v.to(device) for k, v in self.collate(blocks).items()}
+        return {k: v.to(device) for k, v in (collate or self.collate)(blocks).items()}
 
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -224,8 +261,7 @@ class Trainer:
                 last = self.step == cfg.steps
                 if self.val_blocks is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                     self._log(self.evaluate())
-                    bar.write(f"step {self.step}: eval loss {self.history[-1]['eval_loss']:.4f}, "
-                              f"perplexity {self.history[-1]['eval_ppl']:.2f}")  # fmt: skip
+                    bar.write(describe_eval(self.history[-1]))
                     self.plot()
                 if self.out_dir and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
                     self.save()
@@ -236,22 +272,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Mean loss and perplexity (exp of the mean loss) over the validation blocks."""
+        """Mean loss and perplexity (exp of the mean loss) over the validation blocks, and the
+        accuracy when the trainer has an `accuracy` counter."""
         if self.val_blocks is None:
             raise UsageError("evaluate() needs validation blocks (val_blocks)")
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct, counted = 0.0, 0, 0, 0
         for i, blocks in enumerate(iter_blocks(self.val_blocks, self.eval_batch_size)):
             if self.config.eval_batches is not None and i >= self.config.eval_batches:
                 break
+            batch = self._batch(blocks, self.eval_collate)
             with self._autocast():
-                loss = self.model(**self._batch(blocks)).loss
-            total += loss.float().item() * len(blocks)
+                out = self.model(**batch)
+            total += out.loss.float().item() * len(blocks)
             count += len(blocks)
+            if self.accuracy is not None:
+                right, n = self.accuracy(batch, out)
+                correct, counted = correct + right, counted + n
         self.model.train(was_training)
         mean = total / count
-        return {"step": self.step, "eval_loss": mean, "eval_ppl": math.exp(mean) if mean < 700 else math.inf}
+        record = {"step": self.step, "eval_loss": mean, "eval_ppl": math.exp(mean) if mean < 700 else math.inf}
+        if self.accuracy is not None:
+            record["eval_accuracy"] = correct / counted if counted else math.nan
+        return record
 
     def plot(self) -> Path | None:
         """Redraw loss_curve.png in the run directory from metrics.jsonl (no-op without out_dir)."""
@@ -263,7 +307,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that an exact resume needs (plain tensors and containers)."""
-        return {
+        state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "schedule": dataclasses.asdict(self.schedule),
@@ -271,11 +315,21 @@ class Trainer:
             "rng": rng_state(),
             "training_config": self.config.to_dict(),
         }
+        if isinstance(self.collate, StatefulCollate):
+            state["collate"] = self.collate.state_dict()
+        if isinstance(self.model, SavesPart):
+            state["model_extra"] = self.model.extra_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()` output; the model must already hold the checkpoint's weights."""
+        """Continue from `state_dict()` output; the model must already hold the checkpoint's weights
+        (for a `SavesPart` model: its checkpoint part; the rest comes back from `state`)."""
+        if isinstance(self.model, SavesPart) and "model_extra" in state:
+            self.model.load_extra_state(state["model_extra"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_data.load_state_dict(state["data"])
+        if isinstance(self.collate, StatefulCollate) and "collate" in state:
+            self.collate.load_state_dict(state["collate"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -284,7 +338,8 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is None:
             raise UsageError("save() needs a path, or TrainingConfig.out_dir to save into")
-        return save_native(self.model, path, training_state=self.state_dict())
+        model = self.model.checkpoint_model() if isinstance(self.model, SavesPart) else self.model
+        return save_native(model, path, training_state=self.state_dict())
 
     @classmethod
     def from_checkpoint(
@@ -292,17 +347,28 @@ class Trainer:
         path: str | os.PathLike,
         train_data: BatchSource,
         val_blocks: torch.Tensor | None = None,
-        collate: Callable[[torch.Tensor], dict[str, torch.Tensor]] = causal_lm_batch,
+        collate: Collate = causal_lm_batch,
         config: TrainingConfig | None = None,
         model: nn.Module | None = None,
+        **options: Any,
     ) -> Trainer:
         """A trainer that continues the run saved at `path`: model, optimizer, RNG and data position.
 
         config: None keeps the saved one (pass a changed copy to, e.g., train for more steps);
-        model: the checkpoint's model if already loaded (default: `load_native(path)`).
+        model: the checkpoint's model if already loaded (default: `load_native(path)`); options:
+        the other `Trainer` arguments (eval_collate, accuracy, eval_batch_size).
         """
         state = load_training_state(path)
         config = config or TrainingConfig(**state["training_config"])
-        trainer = cls(model if model is not None else load_native(path), config, train_data, val_blocks, collate)
+        model = model if model is not None else load_native(path)
+        trainer = cls(model, config, train_data, val_blocks, collate, **options)
         trainer.load_state_dict(state)
         return trainer
+
+
+def describe_eval(record: dict[str, Any]) -> str:
+    """One line for an evaluation record: loss, and accuracy when counted, else perplexity."""
+    line = f"step {record['step']}: eval loss {record['eval_loss']:.4f}"
+    if "eval_accuracy" in record:
+        return f"{line}, accuracy {record['eval_accuracy']:.4f}"
+    return f"{line}, perplexity {record['eval_ppl']:.2f}"

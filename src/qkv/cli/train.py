@@ -1,9 +1,15 @@
-"""`qkv train --corpus FILE... --preset NAME --steps N`: pretrain a decoder LM on text files.
+"""`qkv train --corpus FILE... --preset NAME --steps N [--objective causal|mlm|rtd]`: pretrain on text files.
 
-Trains a byte-level BPE tokenizer on the corpus unless --tokenizer is given, then the model.
+--objective causal (default) trains a decoder preset (e.g. tiny-gpt2) to predict the next token,
+with a byte-level BPE tokenizer trained on the corpus. mlm trains an encoder preset (e.g.
+tiny-bert, bert-base) as a masked LM (15% of the tokens chosen; 80% -> [MASK], 10% random, 10%
+kept; --whole-word keeps WordPiece words whole); rtd trains ELECTRA: the encoder preset (e.g.
+electra-small) as the discriminator with a 1/4-size generator, and saves the discriminator. Both
+train a WordPiece tokenizer unless --tokenizer is given.
+
 The run directory (--out) gets metrics.jsonl, loss_curve.png and checkpoint/ (a qkv checkpoint
-that `qkv generate` and `qkv.load` read). --resume continues from checkpoint/: run the same
-command again with --resume.
+that `qkv.load`, `qkv generate` and `qkv finetune` read). --resume continues from checkpoint/:
+run the same command again with --resume.
 """
 
 from __future__ import annotations
@@ -11,42 +17,52 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkv.cli.args import non_negative_float, non_negative_int, positive_int
+from qkv.cli.args import non_negative_float, non_negative_int, positive_int, probability
+from qkv.training.pretrain import OBJECTIVES, pretrain
+from qkv.training.trainer import Trainer, TrainingConfig, describe_eval
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain a decoder LM on text files", description=__doc__)
+    p = sub.add_parser("train", help="pretrain a model on text files", description=__doc__)
     p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or directories of *.txt")
-    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-gpt2 or tiny-llama (see `qkv models`)")
-    p.add_argument("--steps", type=positive_int, required=True, help="optimizer updates to train for")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-gpt2 (causal), tiny-bert (mlm, rtd)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="causal",
+                   help="causal: next token (decoder); mlm: masked LM (encoder); rtd: ELECTRA (encoder)")  # fmt: skip
+    p.add_argument("--mask-prob", type=probability, default=0.15, help="mlm/rtd: share of tokens chosen (0.15)")
+    p.add_argument("--whole-word", action="store_true", help="mlm/rtd: choose whole WordPiece words")
+    p.add_argument("--val-fraction", type=non_negative_float, default=0.1, help="share of the corpus held out")
     p.add_argument("--seq-len", type=positive_int, default=None, help="block length (default: min(256, context))")
-    p.add_argument("--lr", type=non_negative_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    add_training_arguments(p, out_default="runs/<preset>", batch_size=8, lr=1e-3, weight_decay=0.1)
+    p.add_argument("--tokenizer", default=None, help="use this tokenizer (file or directory) instead of training one")
+    p.add_argument("--vocab-size", type=positive_int, default=None, help="tokenizer vocabulary (default: the preset's)")
+    p.set_defaults(func=run)
+
+
+def add_training_arguments(
+    p: argparse.ArgumentParser, out_default: str, batch_size: int, lr: float, weight_decay: float
+) -> None:
+    """The run and optimizer flags every training command takes (read by `training_config`)."""
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer updates to train for")
+    p.add_argument("--out", default=None, help=f"run directory (default: {out_default})")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"default: {batch_size}")
+    p.add_argument("--lr", type=non_negative_float, default=lr, help=f"peak learning rate (default: {lr:g})")
     p.add_argument("--min-lr", type=non_negative_float, default=None, help="end of the cosine (default: lr/10)")
     p.add_argument("--warmup", type=non_negative_int, default=None, help="warmup steps (default: steps/20)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.1)
+    p.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help=f"default: {weight_decay:g}")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per update")
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0, help="max grad norm; 0 = no clipping")
     p.add_argument("--eval-every", type=non_negative_int, default=None, help="default: steps/10; 0 = at the end")
     p.add_argument("--save-every", type=non_negative_int, default=None, help="default: steps/10; 0 = at the end")
     p.add_argument("--eval-batches", type=positive_int, default=None, help="cap per evaluation (default: all)")
-    p.add_argument("--val-fraction", type=non_negative_float, default=0.1, help="share of the corpus held out")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     p.add_argument("--resume", action="store_true", help="continue the run saved in <out>/checkpoint")
-    p.add_argument("--tokenizer", default=None, help="use this tokenizer (file or directory) instead of training one")
-    p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary (default: the preset's)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from qkv.training.pretrain import pretrain
-    from qkv.training.trainer import TrainingConfig
-
-    out = Path(args.out or Path("runs") / args.preset)
-    config = TrainingConfig(
+def training_config(args: argparse.Namespace, out: Path) -> TrainingConfig:
+    """The `TrainingConfig` of the flags `add_training_arguments` added."""
+    return TrainingConfig(
         steps=args.steps,
         lr=args.lr,
         min_lr=args.min_lr,
@@ -61,14 +77,22 @@ def run(args: argparse.Namespace) -> int:
         out_dir=str(out),
         progress=not args.quiet,
     )
+
+
+def summary(trainer: Trainer, out: Path) -> str:
+    """The last line a training command prints: where it stopped, how it did, where things are."""
+    evals = [r for r in trainer.history if "eval_loss" in r]
+    line = describe_eval(evals[-1]) if evals else f"step {trainer.step}"
+    return f"{line}; checkpoint: {trainer.checkpoint_path}; metrics: {out / 'metrics.jsonl'}"
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("runs") / args.preset)
     trainer = pretrain(
-        args.corpus, args.preset, config, seq_len=args.seq_len, batch_size=args.batch_size,
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-        seed=args.seed, resume=args.resume,
+        args.corpus, args.preset, training_config(args, out), objective=args.objective, seq_len=args.seq_len,
+        batch_size=args.batch_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, mask_prob=args.mask_prob,
+        whole_word=args.whole_word,
     )  # fmt: skip
-    last = trainer.history[-1] if trainer.history else {}
-    summary = f"step {trainer.step}"
-    if "eval_loss" in last:
-        summary += f": eval loss {last['eval_loss']:.4f}, perplexity {last['eval_ppl']:.2f}"
-    print(f"{summary}; checkpoint: {trainer.checkpoint_path}; metrics: {out / 'metrics.jsonl'}")
+    print(summary(trainer, out))
     return 0

@@ -1,4 +1,5 @@
-"""Training: data streams and packing, AdamW + schedule, the `Trainer` loop, run metrics."""
+"""Training: data streams and packing, objectives (causal LM, masked LM, ELECTRA),
+AdamW + schedule, the `Trainer` loop, run metrics."""
 
 from qkv.training.data import (
     BlockLoader,
@@ -10,26 +11,35 @@ from qkv.training.data import (
     split_blocks,
     tokenize_files,
 )
+from qkv.training.electra import ReplacedTokenDetection, generator_config, replaced_token_accuracy
+from qkv.training.masking import MaskedLMCollator, masked_token_accuracy
 from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer, param_groups, split_decay
+from qkv.training.pretrain import pretrain
 from qkv.training.trainer import NonFiniteLossError, Trainer, TrainingConfig
 from qkv.viz.loss_curve import plot_loss_curve
 
 __all__ = [
     "BlockLoader",
     "Corpus",
+    "MaskedLMCollator",
     "MetricsLog",
     "NonFiniteLossError",
+    "ReplacedTokenDetection",
     "Trainer",
     "TrainingConfig",
     "WarmupCosine",
     "build_optimizer",
     "causal_lm_batch",
+    "generator_config",
     "iter_blocks",
     "load_corpus",
+    "masked_token_accuracy",
     "pack_blocks",
     "param_groups",
     "plot_loss_curve",
+    "pretrain",
+    "replaced_token_accuracy",
     "split_blocks",
     "split_decay",
     "tokenize_files",

@@ -38,10 +38,11 @@ format: $(STAMP)
 
 # Speed against peers, each printed as a ratio (see README, "Speed"). Minutes, not seconds.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/tokenizer_speed.py
 	$(BIN)/python benchmarks/load.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/speculative.py
+	$(BIN)/python benchmarks/embed.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

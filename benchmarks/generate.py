@@ -12,11 +12,8 @@ for batch-1 decode and for batched throughput.
 
 from __future__ import annotations
 
-import sys
-
-sys.path.pop(0)  # this folder holds tokenize.py, which would shadow the standard library's module
-
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path

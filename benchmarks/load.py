@@ -16,18 +16,11 @@ On a shared machine, --threads 1 keeps other processes from stalling torch's thr
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as a script, this folder leads sys.path, and benchmarks/tokenize.py would shadow the standard
-# library's `tokenize` (which torch imports).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import json
 import resource
 import subprocess
+import sys
 import time
 
 GOAL = 0.2  # qkv's time / transformers' time

@@ -19,14 +19,6 @@ slows both alike.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# benchmarks/tokenize.py shares its name with the standard library's `tokenize` (which torch's
-# imports need); run as a script, this folder leads sys.path and would shadow it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import time
 from collections.abc import Callable

@@ -10,6 +10,7 @@ import torch
 
 from qkv.errors import UsageError
 from qkv.image import preprocess
+from qkv.tokenizer.batch import pad_batch
 
 
 def encode_captions(model: Any, tokenizer: Any, captions: Sequence[str], truncate: bool = False) -> torch.Tensor:
@@ -36,10 +37,7 @@ def encode_captions(model: Any, tokenizer: Any, captions: Sequence[str], truncat
             warnings.warn(f"caption {caption[:40]!r} cut from {len(ids)} to {limit} tokens", stacklevel=2)
             ids = [*ids[: limit - 1], eos if isinstance(eos, int) else ids[-1]]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    pad = model.config.text.pad_token_id or 0
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    input_ids, mask = pad_batch(rows, model.config.text.pad_token_id or 0, model.device)
     with torch.no_grad():
         return model.encode_text(input_ids, mask)
 

@@ -47,3 +47,37 @@ def test_bad_arguments_exit_2(corpus, tmp_path, capsys):
     assert train(tmp_path / "missing.txt", tmp_path / "run", "--steps", "1") == 2
     assert "missing.txt" in capsys.readouterr().err
     assert train(corpus, tmp_path / "run", "--steps", "1", "--preset", "tiny-nope") == 2
+
+
+@pytest.mark.parametrize("task", ["image-classification", "clip"])
+def test_train_on_digits_saves_a_model_that_classifies(task, tmp_path, capsys):
+    """`qkv train --task ... --data digits`: a short run writes metrics, a checkpoint with its
+    image preprocessing (and for CLIP its tokenizer), and reports held-out metrics."""
+    pytest.importorskip("sklearn")
+
+    import numpy as np
+    from PIL import Image
+
+    import qkv
+    from qkv.image import preprocess
+
+    out = tmp_path / task
+    code = main(["train", "--task", task, "--data", "digits", "--steps", "20", "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert metrics["test_images"] == 359 and (out / "metrics.jsonl").is_file()
+    model = qkv.load(out / "checkpoint")
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    pixels = preprocess(image, model.preprocessing, 1)
+    assert pixels.shape == (1, 1, 16, 16)
+    if task == "image-classification":
+        assert "accuracy" in metrics and (out / "confusion.png").is_file()
+        assert model(pixels).logits.shape == (1, 10)
+    else:
+        assert {"zero_shot_accuracy", "recall@1", "recall@5"} <= set(metrics) and model.tokenizer is not None
+
+
+def test_task_needs_data(capsys):
+    assert main(["train", "--task", "clip", "--steps", "5"]) == 2
+    assert "--data" in capsys.readouterr().err

@@ -18,14 +18,20 @@ import argparse
 from pathlib import Path
 
 from qkv.cli.args import non_negative_float, non_negative_int, positive_int, probability
+from qkv.errors import UsageError
 from qkv.training.pretrain import OBJECTIVES, pretrain
 from qkv.training.trainer import Trainer, TrainingConfig, describe_eval
+from qkv.training.vision import TASKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain a model on text files", description=__doc__)
-    p.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="text files or directories of *.txt")
-    p.add_argument("--preset", required=True, help="model preset, e.g. tiny-gpt2 (causal), tiny-bert (mlm, rtd)")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH", help="text files or directories of *.txt")
+    p.add_argument("--preset", default=None, help="model preset, e.g. tiny-gpt2 (causal), tiny-bert (mlm, rtd)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="train on images instead of text: a ViT classifier or a CLIP model (with --data)")  # fmt: skip
+    p.add_argument("--data", choices=("digits",), default=None,
+                   help="the image data for --task: digits = scikit-learn's 1,797 handwritten digits")  # fmt: skip
     p.add_argument("--objective", choices=OBJECTIVES, default="causal",
                    help="causal: next token (decoder); mlm: masked LM (encoder); rtd: ELECTRA (encoder)")  # fmt: skip
     p.add_argument("--mask-prob", type=probability, default=0.15, help="mlm/rtd: share of tokens chosen (0.15)")
@@ -87,6 +93,10 @@ def summary(trainer: Trainer, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return _train_images(args)
+    if not args.corpus or not args.preset:
+        raise UsageError("give --corpus and --preset (text), or --task and --data (images)")
     out = Path(args.out or Path("runs") / args.preset)
     trainer = pretrain(
         args.corpus, args.preset, training_config(args, out), objective=args.objective, seq_len=args.seq_len,
@@ -95,4 +105,25 @@ def run(args: argparse.Namespace) -> int:
         whole_word=args.whole_word,
     )  # fmt: skip
     print(summary(trainer, out))
+    return 0
+
+
+def _train_images(args: argparse.Namespace) -> int:
+    """`--task image-classification|clip --data digits`: `qkv.training.vision.train_digits`."""
+    import json
+
+    from qkv.training.vision import train_digits
+
+    if args.data is None:
+        raise UsageError(f"--task {args.task} needs --data (digits)")
+    if args.resume:
+        raise UsageError("--resume is not available for --task runs yet; start the run again")
+    out = Path(args.out or Path("runs") / args.task)
+    _, metrics = train_digits(
+        args.task, args.steps, out_dir=str(out), batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    metrics.pop("confusion", None)
+    print(json.dumps(metrics))
+    print(f"checkpoint: {out / 'checkpoint'}; metrics: {out / 'metrics.jsonl'}")
     return 0

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from qkv.embedding.config import SentenceEmbeddingConfig, read_sentence_config
 from qkv.errors import TokenizerError, UsageError
 from qkv.models.heads import pool
+from qkv.tokenizer.batch import pad_batch
 
 if TYPE_CHECKING:
     from qkv.tokenizer import Tokenizer
@@ -90,7 +91,7 @@ def embed(
     try:
         with torch.inference_mode():
             for rows in tqdm(batches, desc="embedding", unit="batch", disable=not show, dynamic_ncols=True):
-                input_ids, mask = _pad([ids[i] for i in rows], pad_id, model.device)
+                input_ids, mask = pad_batch([ids[i] for i in rows], pad_id, model.device)
                 hidden = model(input_ids, attention_mask=mask).last_hidden_state  # [B, T, D]
                 vectors = pool(hidden.float(), mask, settings.pooling, settings.normalize).cpu()  # [B, D]
                 if out is None:
@@ -155,17 +156,6 @@ def special_affixes(tokenizer: Tokenizer) -> tuple[int, int]:
         if full[start : start + len(bare)] == bare:
             return start, len(full) - start - len(bare)
     raise TokenizerError("the tokenizer's special tokens do not surround the text; cannot truncate it safely")
-
-
-def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids and attention_mask [B, T], T the longest row."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return input_ids.to(device), mask.to(device)
 
 
 def _pad_id(model: nn.Module, tokenizer: Tokenizer) -> int:

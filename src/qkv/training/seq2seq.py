@@ -15,24 +15,14 @@ from typing import Any
 import torch
 
 from qkv.errors import UsageError
+from qkv.tokenizer.batch import pad_batch
 from qkv.training.corruption import denoising, span_corruption
-
-
-def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids [B, max_len] and their attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
 
 
 def seq2seq_batch(sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int) -> dict:
     """A teacher-forcing batch: padded sources with their mask, targets as labels (-100 on padding)."""
-    input_ids, attention_mask = pad_rows(sources, pad_id)
-    labels, label_mask = pad_rows(targets, pad_id)
+    input_ids, attention_mask = pad_batch(sources, pad_id)
+    labels, label_mask = pad_batch(targets, pad_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.errors import UsageError
+from qkv.tokenizer.batch import pad_batch
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Caption templates for CLIP training; zero-shot evaluation uses the first one only.
@@ -139,12 +140,8 @@ class CaptionCollate(ImageCollate):
 def caption_batch(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> right-padded ids and mask; each ends with the tokenizer's end-of-text token."""
     eos = tokenizer.eos_token_id
-    rows = [[*tokenizer.encode(c), eos] for c in captions]
-    width = max(map(len, rows))
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else eos
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
+    return pad_batch([[*tokenizer.encode(c), eos] for c in captions], pad)
 
 
 def clip_zero_shot_accuracy(model, tokenizer, data: ImageSet, template: str = CAPTION_TEMPLATES[0]) -> float:
@@ -172,3 +169,114 @@ def clip_retrieval_recall(model, tokenizer, data: ImageSet, ks: Sequence[int] = 
     ranked = scores.argsort(dim=-1, descending=True)
     hits = data.labels[ranked] == data.labels[:, None]
     return {f"recall@{k}": float(hits[:, :k].any(-1).float().mean()) for k in ks}
+
+
+TASKS = ("image-classification", "clip")
+
+
+def digits_preprocessing():
+    """How a digits model reads an image file: 16 x 16 grayscale, scaled to [-1, 1] as in training."""
+    from qkv.image import ImagePreprocessing
+
+    return ImagePreprocessing(size=(16, 16), mean=(0.5,), std=(0.5,), convert_rgb=True)
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: Sequence[str], path) -> str:
+    """A confusion matrix as a PNG (rows: true class, columns: predicted), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from qkv.atomic import atomic_path
+
+    fig = Figure(figsize=(5.5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(matrix.numpy(), cmap="Blues")
+    n = len(class_names)
+    ax.set_xticks(range(n), class_names, rotation=45, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if matrix[i, j]:
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")  # fmt: skip
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return str(path)
+
+
+def train_digits(
+    task: str,
+    steps: int,
+    out_dir: str | None = None,
+    batch_size: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a ViT classifier or a CLIP model on the digits (80/20 stratified split) and evaluate
+    it on the held-out fifth -> (model, metrics). With out_dir: metrics.jsonl, the loss curve, the
+    checkpoint (with its tokenizer and image preprocessing) and, for the classifier, confusion.png."""
+    import time
+    from pathlib import Path
+
+    from qkv.config import ModelConfig
+    from qkv.models import CLIP, CLIPConfig, VisionTransformer
+    from qkv.training import BlockLoader, Trainer, TrainingConfig
+
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    torch.manual_seed(seed)
+    train, test = split(load_digits_images(16), 0.2, seed)
+    vit = dict(family="vit", vocab_size=None, d_model=64, n_layers=4, n_heads=4, d_ff=128, image_size=16,
+               patch_size=4, n_channels=1)  # fmt: skip
+    if task == "image-classification":
+        cfg = ModelConfig(**vit, head="classification", classifier="first_token", num_labels=10, dropout=0.1)
+        model: torch.nn.Module = VisionTransformer(cfg)
+        collate = ImageCollate((1, 16, 16), shift=1, seed=seed)
+        lr = lr or 2e-3
+    else:
+        from qkv.tokenizer import train_tokenizer
+
+        captions = [caption(y, t) for y in range(10) for t in CAPTION_TEMPLATES]
+        tok = train_tokenizer(kind="bpe", texts=captions * 5, vocab_size=300, show_progress=False)
+        text = ModelConfig(
+            family="encoder",
+            vocab_size=tok.vocab_size,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            d_ff=128,
+            max_seq_len=32,
+            mlp="quick_gelu",
+            eos_token_id=tok.eos_token_id,
+            tie_embeddings=False,
+        )
+        vision = ModelConfig(**{**vit, "n_layers": 3}, mlp="quick_gelu", embed_norm=True, norm_pooled_only=True,
+                             patch_bias=False)  # fmt: skip
+        model = CLIP(CLIPConfig(text=text, vision=vision, projection_dim=32))
+        model.tokenizer = tok
+        collate = CaptionCollate(tok, (1, 16, 16), shift=1, seed=seed)
+        lr = lr or 1e-3
+    model.preprocessing = digits_preprocessing()
+    config = TrainingConfig(steps=steps, lr=lr, warmup_steps=min(100, steps // 10), weight_decay=0.05,
+                            out_dir=out_dir, progress=progress)  # fmt: skip
+    trainer = Trainer(model, config, BlockLoader(pack_images(train), batch_size, seed=seed), collate=collate)
+    start = time.perf_counter()
+    trainer.train()
+    metrics: dict = {"task": task, "steps": steps, "train_images": len(train), "test_images": len(test),
+                     "train_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    if task == "image-classification":
+        metrics["accuracy"] = classification_accuracy(model, test)
+        matrix = confusion_matrix(model, test)
+        metrics["confusion"] = matrix.tolist()
+        if out_dir:
+            metrics["confusion_png"] = plot_confusion(matrix, train.class_names, Path(out_dir) / "confusion.png")
+    else:
+        metrics["zero_shot_accuracy"] = clip_zero_shot_accuracy(model, model.tokenizer, test)
+        metrics["chance"] = 1 / len(test.class_names)
+        metrics.update(clip_retrieval_recall(model, model.tokenizer, test))
+    return model.eval(), metrics

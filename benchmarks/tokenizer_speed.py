@@ -4,20 +4,13 @@ Encodes Python's standard library sources (the same text for every contender), o
 time and batched, and prints throughput in MB/s and tokens/s with the ratios. qkv's wrapper must
 add at most 10% over its engine; the run exits 1 if it does not.
 
-    python benchmarks/tokenize.py [--max-mb 5] [--repeats 3]
+    python benchmarks/tokenizer_speed.py [--max-mb 5] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This script shares its name with the standard library's `tokenize` (which logging, linecache and
-# so tiktoken and torch import); run as a script, its folder leads sys.path and would shadow it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
+import sys
 import sysconfig
 import time
 from collections.abc import Callable

@@ -1,6 +1,17 @@
-"""Training: data streams and packing, objectives (causal LM, masked LM, ELECTRA),
+"""Training: data streams and packing, objectives (causal LM, masked LM, ELECTRA, classification),
 AdamW + schedule, the `Trainer` loop, run metrics."""
 
+from qkv.training.classification import (
+    LabelledTexts,
+    classification_accuracy,
+    classification_batch,
+    encode_examples,
+    label_names_of,
+    predict,
+    read_labelled,
+    with_classification_head,
+    write_labelled,
+)
 from qkv.training.data import (
     BlockLoader,
     Corpus,
@@ -12,6 +23,7 @@ from qkv.training.data import (
     tokenize_files,
 )
 from qkv.training.electra import ReplacedTokenDetection, generator_config, replaced_token_accuracy
+from qkv.training.finetune import finetune
 from qkv.training.masking import MaskedLMCollator, masked_token_accuracy
 from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer, param_groups, split_decay
@@ -22,6 +34,7 @@ from qkv.viz.loss_curve import plot_loss_curve
 __all__ = [
     "BlockLoader",
     "Corpus",
+    "LabelledTexts",
     "MaskedLMCollator",
     "MetricsLog",
     "NonFiniteLossError",
@@ -31,16 +44,25 @@ __all__ = [
     "WarmupCosine",
     "build_optimizer",
     "causal_lm_batch",
+    "classification_accuracy",
+    "classification_batch",
+    "encode_examples",
+    "finetune",
     "generator_config",
     "iter_blocks",
+    "label_names_of",
     "load_corpus",
     "masked_token_accuracy",
     "pack_blocks",
     "param_groups",
     "plot_loss_curve",
+    "predict",
     "pretrain",
+    "read_labelled",
     "replaced_token_accuracy",
     "split_blocks",
     "split_decay",
     "tokenize_files",
+    "with_classification_head",
+    "write_labelled",
 ]

@@ -28,6 +28,8 @@ PUBLISHED_PARAMETERS = {
     "roberta-base": 124_645_632,  # RobertaModel, pooler included
     "electra-small": 13_549_057,  # ElectraForPreTraining (discriminator)
     "all-minilm-l6-v2": 22_713_216,  # BertModel, pooler included
+    "t5-small": 60_506_624,  # T5ForConditionalGeneration (tied head)
+    "bart-base": 139_420_416,  # BartForConditionalGeneration
 }
 
 

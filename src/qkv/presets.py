@@ -26,6 +26,24 @@ _BERT: dict[str, Any] = dict(
     max_seq_len=512, pad_token_id=0,
 )  # fmt: skip
 
+_T5: dict[str, Any] = dict(
+    family="seq2seq", norm="rmsnorm", norm_eps=1e-6, norm_position="pre", position="t5", attn_scale=1.0,
+    mlp="relu", scale_decoder_output=True, max_seq_len=512, pad_token_id=0, eos_token_id=1,
+    decoder_start_token_id=0,
+)  # fmt: skip
+
+_BART: dict[str, Any] = dict(
+    family="seq2seq", norm="layernorm", norm_position="post", position="learned", position_offset=2,
+    embed_norm=True, qkv_bias=True, attn_out_bias=True, mlp_bias=True, final_logits_bias=True, mlp="gelu",
+    max_seq_len=1024, bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+)  # fmt: skip
+
+_TRANSFORMER: dict[str, Any] = dict(
+    family="seq2seq", norm="layernorm", norm_position="post", position="sinusoidal", scale_embeddings=True,
+    qkv_bias=True, attn_out_bias=True, mlp_bias=True, mlp="relu", label_smoothing=0.1, max_seq_len=512,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 (Radford et al. 2019)
     "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12},
@@ -150,7 +168,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "d_ff": 1536,
         "pooler": True,
     },
+    # T5 v1.0 small (Raffel et al. 2020): RMSNorm, pre-norm, no biases, relative buckets, tied head rescaled
+    "t5-small": {
+        **_T5,
+        "vocab_size": 32128,
+        "d_model": 512,
+        "n_layers": 6,
+        "n_heads": 8,
+        "d_ff": 2048,
+    },
+    # BART base (Lewis et al. 2020): post-norm, learned positions offset by 2, embedding LayerNorm
+    "bart-base": {**_BART, "vocab_size": 50265, "d_model": 768, "n_layers": 6, "n_heads": 12, "d_ff": 3072},
+    # The original Transformer, base (Vaswani et al. 2017): post-norm, sinusoidal positions, ReLU,
+    # shared embeddings scaled by sqrt(d_model), label smoothing 0.1 (vocabulary: WMT'14 en-de BPE)
+    "transformer-base": {
+        **_TRANSFORMER,
+        "vocab_size": 37000,
+        "d_model": 512,
+        "n_layers": 6,
+        "n_heads": 8,
+        "d_ff": 2048,
+    },
     # Tiny variants: same layer types, small shapes. For tests and `make demo`.
+    "tiny-t5": {**_T5, "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 128},
+    "tiny-bart": {
+        **_BART,
+        "vocab_size": 512,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "d_ff": 128,
+        "max_seq_len": 256,
+    },
     "tiny-bert": {**_BERT, "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 128},
     "tiny-gpt2": {
         **_GPT2,

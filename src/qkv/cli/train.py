@@ -5,7 +5,11 @@ with a byte-level BPE tokenizer trained on the corpus. mlm trains an encoder pre
 tiny-bert, bert-base) as a masked LM (15% of the tokens chosen; 80% -> [MASK], 10% random, 10%
 kept; --whole-word keeps WordPiece words whole); rtd trains ELECTRA: the encoder preset (e.g.
 electra-small) as the discriminator with a 1/4-size generator, and saves the discriminator. Both
-train a WordPiece tokenizer unless --tokenizer is given.
+train a WordPiece tokenizer unless --tokenizer is given. span (T5's span corruption), denoise
+(BART's text infilling and sentence permutation) and seq2seq (teacher forcing on a --corpus file of
+source<TAB>target lines) train an encoder-decoder preset (tiny-t5, tiny-bart, t5-small, bart-base,
+transformer-base) with a byte-level BPE tokenizer holding </s>, <pad>, <mask> and 100 sentinels.
+--task image-classification|clip --data digits trains a ViT or a CLIP model on images instead.
 
 The run directory (--out) gets metrics.jsonl, loss_curve.png and checkpoint/ (a qkv checkpoint
 that `qkv.load`, `qkv generate` and `qkv finetune` read). --resume continues from checkpoint/:
@@ -33,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", choices=("digits",), default=None,
                    help="the image data for --task: digits = scikit-learn's 1,797 handwritten digits")  # fmt: skip
     p.add_argument("--objective", choices=OBJECTIVES, default="causal",
-                   help="causal: next token (decoder); mlm: masked LM (encoder); rtd: ELECTRA (encoder)")  # fmt: skip
+                   help="causal: next token (decoder); mlm: masked LM, rtd: ELECTRA (encoder); span: T5, "
+                        "denoise: BART, seq2seq: source<TAB>target pairs (encoder-decoder)")  # fmt: skip
     p.add_argument("--mask-prob", type=probability, default=0.15, help="mlm/rtd: share of tokens chosen (0.15)")
     p.add_argument("--whole-word", action="store_true", help="mlm/rtd: choose whole WordPiece words")
     p.add_argument("--val-fraction", type=non_negative_float, default=0.1, help="share of the corpus held out")

@@ -7,6 +7,9 @@ This is what `qkv train` runs. The objective decides the rest:
 | `causal` (default) | a decoder preset (`DecoderLM`) | byte-level BPE | next-token prediction |
 | `mlm` | an encoder preset with the MLM head | WordPiece | `MaskedLMCollator` (15%, 80/10/10) |
 | `rtd` | ELECTRA: the preset as discriminator + a 1/4-size generator | WordPiece | the same masking |
+| `span` | an encoder-decoder preset (e.g. tiny-t5) | byte-level BPE + sentinels | T5 span corruption |
+| `denoise` | an encoder-decoder preset (e.g. tiny-bart) | byte-level BPE + `<mask>` | BART denoising |
+| `seq2seq` | an encoder-decoder preset | byte-level BPE | `source<TAB>target` lines, teacher forcing |
 
 A fresh run trains a tokenizer on the corpus (unless one is given), builds the preset with the
 tokenizer's vocabulary, and trains. A resumed run takes the model and tokenizer from
@@ -29,16 +32,20 @@ from torch import nn
 from qkv.checkpoints.native import load_native
 from qkv.config import ModelConfig
 from qkv.errors import UsageError
-from qkv.models import DecoderLM, Encoder
+from qkv.models import DecoderLM, Encoder, EncoderDecoder
 from qkv.training.data import BlockLoader, causal_lm_batch, corpus_files, load_corpus
 from qkv.training.electra import ReplacedTokenDetection, generator_config, replaced_token_accuracy
 from qkv.training.masking import MaskedLMCollator, masked_token_accuracy
 from qkv.training.trainer import CHECKPOINT_DIR, Trainer, TrainingConfig
 
-OBJECTIVES = ("causal", "mlm", "rtd")
+OBJECTIVES = ("causal", "mlm", "rtd", "span", "denoise", "seq2seq")
 # The model family each objective trains, and the head its checkpoint has (rtd: the discriminator's).
-OBJECTIVE_FAMILY = {"causal": "decoder", "mlm": "encoder", "rtd": "encoder"}
-OBJECTIVE_HEAD = {"causal": "lm", "mlm": "mlm", "rtd": "rtd"}
+OBJECTIVE_FAMILY = {"causal": "decoder", "mlm": "encoder", "rtd": "encoder"} | dict.fromkeys(
+    ("span", "denoise", "seq2seq"), "seq2seq"
+)
+OBJECTIVE_HEAD = {"causal": "lm", "mlm": "mlm", "rtd": "rtd", "span": "lm", "denoise": "lm", "seq2seq": "lm"}
+# Encoder-decoder vocabularies: EOS, padding (also the decoder's start, as T5), BART's mask, T5's sentinels.
+SEQ2SEQ_SPECIALS = ("</s>", "<pad>", "<mask>", *(f"<extra_id_{i}>" for i in range(100)))
 
 
 def seed_everything(seed: int) -> None:
@@ -56,7 +63,12 @@ def vocab_size_of(tokenizer: Any) -> int:
 
 
 def get_tokenizer(
-    source: Any, corpus: Sequence[str | os.PathLike], vocab_size: int, progress: bool = True, kind: str = "bpe"
+    source: Any,
+    corpus: Sequence[str | os.PathLike],
+    vocab_size: int,
+    progress: bool = True,
+    kind: str = "bpe",
+    special_tokens: Sequence[str] | None = None,
 ) -> Any:
     """`source` as a tokenizer: None trains a `kind` tokenizer ("bpe" or "wordpiece") on the corpus,
     a path is loaded, anything else is used as is."""
@@ -67,7 +79,9 @@ def get_tokenizer(
     if source is not None:
         return load_tokenizer(source)
     files = corpus_files(corpus)
-    return train_tokenizer(kind=kind, vocab_size=vocab_size, files=files, show_progress=progress)
+    return train_tokenizer(
+        kind=kind, vocab_size=vocab_size, files=files, show_progress=progress, special_tokens=special_tokens
+    )
 
 
 def run_checkpoint(config: TrainingConfig, resume: bool) -> Path | None:
@@ -104,6 +118,8 @@ def build_pretraining_model(
     check_objective(objective, cfg)
     if objective == "causal":
         model = DecoderLM(cfg)
+    elif OBJECTIVE_FAMILY[objective] == "seq2seq":
+        model = EncoderDecoder(cfg)
     elif objective == "mlm":
         model = Encoder(cfg.replace(head="mlm"))
     else:
@@ -154,17 +170,29 @@ def pretrain(
         seed_everything(seed)
         cfg = ModelConfig.from_name(preset)
         check_objective(objective, cfg, preset)
-        kind = "bpe" if objective == "causal" else "wordpiece"
-        tokenizer = get_tokenizer(tokenizer, corpus, vocab_size or cfg.vocab_size, config.progress, kind)
-        roles = ("bos_token_id", "eos_token_id") + (() if objective == "causal" else ("pad_token_id",))
-        cfg = cfg.replace(vocab_size=vocab_size_of(tokenizer), **{r: getattr(tokenizer, r, None) for r in roles})
+        seq2seq = OBJECTIVE_FAMILY[objective] == "seq2seq"
+        kind = "bpe" if objective == "causal" or seq2seq else "wordpiece"
+        specials = SEQ2SEQ_SPECIALS if seq2seq else None
+        # (for seq2seq the corpus is the pairs file: its text trains the tokenizer too)
+        tokenizer = get_tokenizer(tokenizer, corpus, vocab_size or cfg.vocab_size, config.progress, kind, specials)
+        if seq2seq:
+            eos, pad = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
+            if eos is None or pad is None:
+                raise UsageError("an encoder-decoder objective needs a tokenizer with </s> and <pad> tokens")
+            ids = dict(bos_token_id=None, eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad)
+            cfg = cfg.replace(vocab_size=vocab_size_of(tokenizer), **ids)
+        else:
+            roles = ("bos_token_id", "eos_token_id") + (() if objective == "causal" else ("pad_token_id",))
+            cfg = cfg.replace(vocab_size=vocab_size_of(tokenizer), **{r: getattr(tokenizer, r, None) for r in roles})
         model = build_pretraining_model(cfg, objective, tokenizer)
     max_len = model.config.max_seq_len
     seq_len = seq_len or min(256, max_len)
     if seq_len > max_len:
         raise UsageError(f"seq_len={seq_len} exceeds the model's context of {max_len} tokens (max_seq_len)")
     options: dict[str, Any] = {}
-    if objective == "causal":
+    if OBJECTIVE_FAMILY[objective] == "seq2seq":
+        data, collate, options = _seq2seq_data(objective, corpus, tokenizer, model.config, seq_len, val_fraction, seed)
+    elif objective == "causal":
         eos_id = getattr(tokenizer, "eos_token_id", None)
         data = load_corpus(corpus, tokenizer, seq_len, val_fraction, eos_id=eos_id)
         collate = causal_lm_batch
@@ -188,3 +216,36 @@ def pretrain(
         trainer = Trainer(model, config, loader, data.val, collate, **options)
     trainer.train()
     return trainer
+
+
+def _seq2seq_data(
+    objective: str,
+    corpus: Sequence[str | os.PathLike],
+    tokenizer: Any,
+    cfg: ModelConfig,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(data, collate, Trainer options) of the encoder-decoder objectives."""
+    from qkv.training.data import Corpus
+    from qkv.training.seq2seq import DenoisingCollate, PairCollate, SpanCorruptionCollate, pack_pairs, read_pairs
+
+    eos, pad = cfg.eos_token_id, cfg.pad_token_id
+    if objective == "seq2seq":
+        if len(corpus) != 1:
+            raise UsageError("--objective seq2seq reads one file of source<TAB>target lines (--corpus FILE)")
+        rows = pack_pairs(read_pairs(corpus[0], tokenizer, eos), pad, seq_len, seq_len)
+        n_val = int(len(rows) * val_fraction)
+        data = Corpus(train=rows[n_val:], val=rows[:n_val])
+        return data, PairCollate(seq_len, pad), {}
+    # The noise adds sentinels / EOS, so blocks leave room for them within the model's positions.
+    data = load_corpus(corpus, tokenizer, seq_len - 2, val_fraction, eos_id=eos)
+    if objective == "span":
+        sentinels = [tokenizer.token_to_id(f"<extra_id_{i}>") for i in range(100)]
+        collate = SpanCorruptionCollate(sentinels, eos, pad, seed=seed)
+    else:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        ends = [i for token, i in vocab.items() if token.rstrip("Ċ").endswith((".", "!", "?"))]
+        collate = DenoisingCollate(tokenizer.token_to_id("<mask>"), eos, pad, seed=seed, sentence_end_ids=ends)
+    return data, collate, {"eval_collate": collate.fixed()}

@@ -43,7 +43,22 @@ class _NoiseCollate:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
 
+    def fixed(self) -> _NoiseCollate:
+        """A copy that draws the same noise at every call (for evaluation batches)."""
+        import copy
+
+        twin = copy.copy(self)
+        start = self.generator.get_state()
+        twin.generator = torch.Generator()
+        twin._start = start
+        return twin
+
+    def _reset(self) -> None:
+        if getattr(self, "_start", None) is not None:
+            self.generator.set_state(self._start)
+
     def _rows(self, blocks: torch.Tensor) -> list[list[int]]:
+        self._reset()
         if blocks.dim() != 2:
             raise UsageError(f"blocks must be [batch, length], got {tuple(blocks.shape)}")
         return [[t for t in row.tolist() if t != self.pad_id] for row in blocks]
@@ -98,6 +113,25 @@ class DenoisingCollate(_NoiseCollate):
             for row in self._rows(blocks)
         ]  # fmt: skip
         return seq2seq_batch([s for s, _ in pairs], [t for _, t in pairs], self.pad_id)
+
+
+def read_pairs(path, tokenizer: Any, eos_id: int) -> list[tuple[list[int], list[int]]]:
+    """(source, target) ids from a file of `source<TAB>target` lines (each ending with EOS)."""
+    from pathlib import Path
+
+    pairs = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line.count("\t") != 1:
+            raise UsageError(
+                f"{path}:{n}: expected one tab between the source and the target, found {line.count(chr(9))}"
+            )
+        source, target = line.split("\t")
+        pairs.append(([*tokenizer.encode(source), eos_id], [*tokenizer.encode(target), eos_id]))
+    if not pairs:
+        raise UsageError(f"{path} holds no source<TAB>target lines")
+    return pairs
 
 
 def pack_pairs(

@@ -30,7 +30,7 @@ def test_encoder_objectives(corpus, tmp_path, capsys, objective):
 
 def test_bad_objective(corpus, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        train(corpus, tmp_path / "run", "--objective", "span")
-    assert exc.value.code == 2 and "invalid choice: 'span'" in capsys.readouterr().err
+        train(corpus, tmp_path / "run", "--objective", "bogus")
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
     assert train(corpus, tmp_path / "run", "--objective", "mlm", "--preset", "tiny-gpt2") == 2
     assert "trains family 'encoder'" in capsys.readouterr().err

@@ -186,6 +186,10 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> 
     state = {k: v.to(dtype) for k, v in state.items()}
     model = materialize(cfg, state, origin=str(path))
     model.tokenizer = _tokenizer_if_present(path)
+    if not isinstance(cfg, CLIPConfig) and cfg.family == "encoder":  # sentence-transformers' settings, if any
+        from qkv.embedding.config import read_sentence_config
+
+        model.sentence_config = read_sentence_config(path)
     if isinstance(cfg, CLIPConfig) or cfg.family == "vit":  # how images become pixel_values
         model.preprocessing = ImagePreprocessing.from_dir(path) or default_preprocessing(cfg)
     return model

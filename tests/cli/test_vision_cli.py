@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,27 @@ def test_attention_over_an_image(clip_dir, tmp_path, capsys, kind):
     assert main(["attention", str(path), "--image", str(images[0]), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "4x4 patches (2 layers x 4 heads)" in capsys.readouterr().out
+
+
+def test_classify_an_image_with_a_vit(clip_dir, tmp_path, capsys):
+    """`qkv classify` reads image files with the checkpoint's own preprocessing and names the labels."""
+    from qkv.checkpoints import save_native
+    from qkv.config import ModelConfig
+    from qkv.image import ImagePreprocessing, preprocess
+    from qkv.models import VisionTransformer
+
+    _, _, _, _, images = clip_dir
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="vit", vocab_size=None, d_model=32, n_layers=2, n_heads=4, image_size=16, patch_size=4,
+                      head="classification", classifier="first_token", num_labels=3,
+                      extra={"labels": ["red", "green", "blue"]})  # fmt: skip
+    model = VisionTransformer(cfg).eval()
+    model.preprocessing = ImagePreprocessing(size=(16, 16), convert_rgb=True)
+    path = save_native(model, tmp_path / "vit")
+    assert main(["classify", str(path), *map(str, images), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with torch.no_grad():
+        probs = model(preprocess(images, model.preprocessing)).logits.softmax(-1)
+    for row, p in zip(rows, probs, strict=True):
+        assert row["label"] == ["red", "green", "blue"][int(p.argmax())]
+        assert abs(row["probability"] - float(p.max())) <= 1e-5

@@ -2,7 +2,9 @@
 
 MODEL is a checkpoint `qkv finetune` wrote (or any encoder with a classification head). One line
 per text: LABEL<TAB>PROBABILITY (--top-k K: the K most likely labels, best first). "-" reads the
-texts from standard input, one per line. --json prints one JSON object per text instead.
+texts from standard input, one per line. --json prints one JSON object per text instead. For an
+image classifier (a ViT, e.g. from `qkv train --task image-classification`), the arguments are
+image files, read with the model's own preprocessing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ def run(args: argparse.Namespace) -> int:
     texts = [line for line in sys.stdin.read().splitlines() if line.strip()] if args.texts == ["-"] else args.texts
     model = load(args.model)
     names = label_names_of(model)
-    probs = predict(model, texts, max_len=args.max_len)
+    if model.config.family == "vit":
+        import torch
+
+        from qkv.image import preprocess
+
+        with torch.no_grad():
+            pixels = preprocess(texts, model.preprocessing, model.config.n_channels)
+            probs = model(pixels).logits.softmax(dim=-1)
+    else:
+        probs = predict(model, texts, max_len=args.max_len)
     for text, row in zip(texts, probs):
         top = row.topk(min(args.top_k, len(names)))
         ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices)]

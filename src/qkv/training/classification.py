@@ -149,7 +149,7 @@ def classification_accuracy(batch: dict[str, torch.Tensor], out: Any) -> tuple[i
 def label_names_of(model: nn.Module) -> list[str]:
     """The class names of a classifier, in head order ("0", "1", ... when none were saved)."""
     cfg = model.config
-    if cfg.family != "encoder" or cfg.head != "classification":
+    if cfg.family not in ("encoder", "vit") or cfg.head != "classification":
         raise UsageError(
             f"this model has no classification head (family {cfg.family!r}, head {cfg.head!r}); fine-tune one "
             "first: qkv finetune --task classification --model MODEL --data FILE"

@@ -234,7 +234,10 @@ def train_digits(
     vit = dict(family="vit", vocab_size=None, d_model=64, n_layers=4, n_heads=4, d_ff=128, image_size=16,
                patch_size=4, n_channels=1)  # fmt: skip
     if task == "image-classification":
-        cfg = ModelConfig(**vit, head="classification", classifier="first_token", num_labels=10, dropout=0.1)
+        from qkv.training.classification import LABELS_KEY
+
+        cfg = ModelConfig(**vit, head="classification", classifier="first_token", num_labels=10, dropout=0.1,
+                          extra={LABELS_KEY: list(DIGIT_NAMES)})  # fmt: skip
         model: torch.nn.Module = VisionTransformer(cfg)
         collate = ImageCollate((1, 16, 16), shift=1, seed=seed)
         lr = lr or 2e-3

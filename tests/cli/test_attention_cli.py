@@ -16,7 +16,11 @@ transformers = pytest.importorskip("transformers")
 def test_bert_attention_maps_are_bidirectional(tmp_path, capsys):
     tok = train_tokenizer(kind="wordpiece", texts=["the cat sat on the mat"] * 10, vocab_size=60, show_progress=False)
     config = transformers.BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
         attn_implementation="eager",  # returns attention weights
     )
     torch.manual_seed(0)
@@ -38,7 +42,13 @@ def test_bert_attention_maps_are_bidirectional(tmp_path, capsys):
 def test_t5_cross_attention_maps_are_target_by_source(tmp_path, capsys):
     tok = train_tokenizer(kind="bpe", texts=["translate the cat to a dog"] * 10, vocab_size=280, show_progress=False)
     config = transformers.T5Config(
-        vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        vocab_size=tok.vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
         attn_implementation="eager",  # returns attention weights
     )
     torch.manual_seed(0)

@@ -188,3 +188,24 @@ def test_seq2seq_source_text_to_target_text(t5_checkpoint, capsys, beams):
     if beams == 1:
         streamed = qkv(capsys, "generate", path, "--prompt", PROMPT, "-n", 8, "--stream")[1]
         assert streamed == data["text"] + "\n"
+
+
+def test_seq2seq_text_layer_sampling_stop_strings_and_logprobs(t5_checkpoint):
+    """The text layer on an encoder-decoder: log-probs equal the model's own under teacher forcing,
+    sampling is seeded, and a stop string cuts the text."""
+    import qkv
+
+    path, _, tok = t5_checkpoint
+    model = qkv.load(path)
+    done = complete(model, tok, PROMPT, max_new_tokens=8, logprobs=True, eos_token_id=[])
+    source = torch.tensor([tok.encode(PROMPT)])
+    target = torch.tensor([[model.config.decoder_start_token_id, *done.token_ids[:-1]]])
+    with torch.no_grad():
+        logp = model(source, decoder_input_ids=target).logits[0].log_softmax(-1)
+    expected = [float(logp[i, t]) for i, t in enumerate(done.token_ids)]
+    assert [r["logprob"] for r in done.logprobs] == pytest.approx(expected, abs=1e-5)
+    sampled = [complete(model, tok, PROMPT, max_new_tokens=8, temperature=1.5, seed=s).token_ids for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    stop = done.text[2:4]
+    cut = complete(model, tok, PROMPT, max_new_tokens=8, eos_token_id=[], stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == done.text[: done.text.index(stop)]

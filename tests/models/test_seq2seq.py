@@ -172,3 +172,21 @@ def test_bad_input_is_a_clear_error(root):
         model(torch.randint(3, 90, (1, 41)), decoder_input_ids=torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="compile=True does not support encoder-decoder"):
         model.generate(ids[:1], 4, compile=True)
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy(root):
+    """Vaswani et al. 2017 §5.4: with label_smoothing=e the loss is (1 - e) NLL + e x the mean over
+    the vocabulary of -log p (Szegedy et al. 2016), over the labels that count."""
+    _, model, _ = _pair("marian", root)
+    smoothed = qkv.models.EncoderDecoder(model.config.replace(label_smoothing=0.1)).eval()
+    smoothed.load_state_dict(model.state_dict())
+    ids, mask = _source(model)
+    labels = torch.randint(3, 90, (3, 6), generator=torch.Generator().manual_seed(5))
+    labels[1, 4:] = -100
+    with torch.no_grad():
+        out = smoothed(ids, attention_mask=mask, labels=labels)
+        logp = out.logits.log_softmax(-1)[labels != -100]
+        kept = labels[labels != -100]
+        nll = -logp.gather(-1, kept[:, None]).mean()
+        uniform = -logp.mean()
+    assert abs(out.loss.item() - (0.9 * nll + 0.1 * uniform).item()) <= 1e-5

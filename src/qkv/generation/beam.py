@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from qkv.generation.decode import decode_one_token, is_encoder_decoder, prefill, sampling_setup
+from qkv.generation.decode import decode_one_token, pad_id, sampling_setup, start_decoding
 from qkv.generation.options import GenerationConfig
 from qkv.generation.stopping import StopStrings
 
@@ -79,16 +79,11 @@ def beam_search(
     num_beams = config.num_beams
     B = input_ids.shape[0]
     device = input_ids.device
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: take the mask-free fast path
-    encoder_decoder = is_encoder_decoder(model)
-    cache = model.new_cache(B, (1 if encoder_decoder else input_ids.shape[1]) + n_new)
-    logits, prefix = prefill(model, input_ids, cache, attention_mask)  # (B, V), the sequence continued
-    if encoder_decoder:
-        attention_mask = None  # it was the encoder's; every decoder row starts alike
+    # logits (B, V) after the prefix (B, T): the prompt, or an encoder-decoder's start token
+    cache, logits, prefix, attention_mask = start_decoding(model, input_ids, n_new, attention_mask)
     T = prefix.shape[1]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    pad = pad_id(config, eos)
     processors, generator = sampling_setup(config, T, device)
     L = T + n_new
     K = max(2, 1 + len(eos)) * num_beams  # candidates per step: enough to leave num_beams unfinished

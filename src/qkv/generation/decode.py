@@ -53,6 +53,28 @@ def prefill(
     return logits[:, -1], input_ids
 
 
+def start_decoding(
+    model: torch.nn.Module, input_ids: torch.Tensor, n_new: int, attention_mask: torch.Tensor | None = None
+) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prefill the prompt into a new cache with room for `n_new` more tokens -> (cache, last-position
+    logits [B, V], the sequence being continued [B, P], the padding mask decoding goes on with).
+
+    A mask without padding becomes None (the mask-free fast path); an encoder-decoder's mask was
+    its encoder's, and every decoder row starts alike, so decoding goes on without one.
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    seq2seq = is_encoder_decoder(model)
+    cache = model.new_cache(input_ids.shape[0], (1 if seq2seq else input_ids.shape[1]) + n_new)
+    logits, prefix = prefill(model, input_ids, cache, attention_mask)
+    return cache, logits, prefix, None if seq2seq else attention_mask
+
+
+def pad_id(config: GenerationConfig, eos: tuple[int, ...]) -> int:
+    """What finished rows receive: config.pad_token_id, else the first EOS id, else 0."""
+    return config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+
+
 def decode_one_token(
     model: torch.nn.Module,
     token: torch.Tensor,
@@ -146,23 +168,18 @@ def decode_steps(
     B = input_ids.shape[0]
     device = input_ids.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: take the mask-free fast path
+    pad = pad_id(config, eos)
     static = None
     if compile:
-        if attention_mask is not None:
+        if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("compile=True does not support left-padded batches yet; pass compile=False")
         if is_encoder_decoder(model):
             raise ValueError("compile=True does not support encoder-decoder models yet; pass compile=False")
         static = StaticStep(model, compile=True)
         cache = static.new_cache(B, input_ids.shape[1] + n_new)
-        logits, tokens = static.prefill(input_ids, cache), input_ids
+        logits, tokens, attention_mask = static.prefill(input_ids, cache), input_ids, None
     else:
-        cache = model.new_cache(B, (1 if is_encoder_decoder(model) else input_ids.shape[1]) + n_new)
-        logits, tokens = prefill(model, input_ids, cache, attention_mask)
-        if is_encoder_decoder(model):
-            attention_mask = None  # it was the encoder's; every decoder row starts alike
+        cache, logits, tokens, attention_mask = start_decoding(model, input_ids, n_new, attention_mask)
     T = tokens.shape[1]  # the sequence being continued: the prompt, or the decoder's start token
     own, generator = sampling_setup(config, T, device)
     processors = own if processors is None else processors

@@ -34,8 +34,9 @@ def parse_json(text: str | bytes, origin: str, error: type[QkvError] = Checkpoin
         ) from None
 
 
-def read_json(path: Path, what: str, error: type[QkvError] = CheckpointError, expect: type = dict) -> Any:
-    """The JSON value in file `path` (described as `what` in errors), which must be an `expect`."""
+def read_user_bytes(path: Path, what: str, error: type[QkvError] = CheckpointError) -> bytes:
+    """The bytes of a file a user gave (described as `what` in errors); `error` when it is missing,
+    unreadable or empty."""
     origin = f"{what} {path}"
     try:
         data = path.read_bytes()
@@ -45,7 +46,13 @@ def read_json(path: Path, what: str, error: type[QkvError] = CheckpointError, ex
         raise error(f"cannot read {origin}: {exc.strerror or exc}") from None
     if not data.strip():
         raise error(f"{origin} is empty")
-    value = parse_json(data, origin, error)
+    return data
+
+
+def read_json(path: Path, what: str, error: type[QkvError] = CheckpointError, expect: type = dict) -> Any:
+    """The JSON value in file `path` (described as `what` in errors), which must be an `expect`."""
+    origin = f"{what} {path}"
+    value = parse_json(read_user_bytes(path, what, error), origin, error)
     if not isinstance(value, expect):
         expected = "object" if expect is dict else expect.__name__
         raise error(f"{origin} holds a JSON {type(value).__name__}, expected a JSON {expected}")

@@ -11,14 +11,7 @@ from qkv.formats import jsonfile
 
 def read_text(path: Path, what: str) -> str:
     """The UTF-8 text of ``path``; a TokenizerError names the file when it is missing, empty or not UTF-8."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise TokenizerError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise TokenizerError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if not data.strip():
-        raise TokenizerError(f"{what} {path} is empty")
+    data = jsonfile.read_user_bytes(path, what, TokenizerError)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

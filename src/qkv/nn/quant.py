@@ -1,0 +1,294 @@
+"""Weight-only quantized linear layers: int4 (group-wise, asymmetric) and int8 (symmetric,
+per output channel or group-wise), a drop-in for `Linear` in every family.
+
+Stored form (what a checkpoint holds, the same on every machine):
+- int4: `qweight` uint8 [N, K/2], two 4-bit values q in [0, 15] per byte (column 2j in the low
+  nibble, 2j+1 in the high one); `scales` and `zeros` float32 [N, K/group]. A weight is
+  w = (q - 8) * scale + zero, torch's own int4 convention, so llama.cpp's Q4_0
+  (w = (q - 8) * d) maps to zero = 0 and Q4_1 (w = q * d + m) to zero = m + 8d, bit for bit.
+- int8: `qweight` int8 [N, K]; `scales` float32 [N, K/group] (one group: per channel). w = q * scale.
+  llama.cpp's Q8_0 is group-wise int8 with groups of 32.
+
+Compute: at the first bfloat16 inference forward the weight is converted once into the layout of
+torch's packed CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), which read 4 or 8
+bits a weight instead of 16 or 32: a matrix-vector product, batch-1 decoding's whole cost, is
+bound by how many bytes it reads. Group-wise int8 runs through the int4 kernel too: q = 16 hi + lo
+with hi in [-8, 7] and lo in [0, 15] is exact, and [x | x] @ [hi | lo]^T is one int4 product over
+2K columns. Many rows at once (a long prompt) are compute-bound, not byte-bound: they dequantize
+the weight to the activations' dtype and take the dense oneDNN matmul. Without the kernels (an
+older torch, another device, training), every product is dequantize + matmul.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkv.nn.linear import Linear
+
+__all__ = [
+    "QUANT_SCHEMES",
+    "QuantLinear",
+    "dequantize_model",
+    "pack_nibbles",
+    "quantize_model",
+    "quantize_weight",
+    "quantized_modules",
+    "unpack_nibbles",
+]
+
+# Name -> (bits, group size; None = one group per output channel).
+QUANT_SCHEMES: dict[str, tuple[int, int | None]] = {"int4": (4, 32), "int8": (8, None)}
+
+# Rows at which the dequantize + dense matmul path beats the packed kernels (benchmarks/quantized.py).
+DENSE_ROWS = int(os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
+_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
+_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values [..., 2n] in [0, 15] -> bytes [..., n]: column 2j low nibble, 2j+1 high."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_nibbles`: bytes [..., n] -> uint8 [..., 2n]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
+    """Round a dense weight [N, K] to the stored form of `QuantLinear` (round to nearest).
+
+    int4: asymmetric per group (its min and max are representable), zero = min + 8 * scale.
+    int8: symmetric, scale = max|w| / 127 per group (per channel when group_size is None).
+    """
+    w = weight.detach().float()
+    N, K = w.shape
+    group = group_size or K
+    if K % group:
+        raise ValueError(f"in_features={K} is not a multiple of the group size {group}")
+    g = w.view(N, K // group, group)
+    if bits == 4:
+        low, high = g.amin(-1), g.amax(-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = ((g - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(N, K)
+        return {"qweight": pack_nibbles(q), "scales": scale, "zeros": low + 8 * scale}
+    if bits == 8:
+        scale = (g.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = (g / scale[..., None]).round().clamp(-127, 127).view(N, K).to(torch.int8)
+        return {"qweight": q, "scales": scale}
+    raise ValueError(f"bits={bits} is not supported; choose 4 or 8")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequantize(qweight)^T + bias, reading the weight packed. Same forward contract as
+    `Linear` (x [..., in_features] -> [..., out_features]); weights are buffers: frozen."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        bits: int = 4,
+        group_size: int | None = 32,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits={bits} is not supported; choose 4 or 8")
+        if bits == 4 and group_size is None:
+            raise ValueError("int4 weights are quantized in groups; give a group_size (e.g. 32)")
+        group = group_size or in_features
+        if in_features % group or (bits == 4 and (in_features % 2 or group % 2)):
+            raise ValueError(f"in_features={in_features} is not a multiple of the group size {group}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group
+        qshape = (out_features, in_features // 2) if bits == 4 else (out_features, in_features)
+        qdtype = torch.uint8 if bits == 4 else torch.int8
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        if bits == 4:
+            self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
+        else:
+            self.zeros = None
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._kernel: tuple | None = None
+        self._kernel_key: tuple | None = None
+        self._dense: torch.Tensor | None = None  # never kept: see _dense_weight
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 32) -> QuantLinear:
+        """Quantize a dense linear layer (round to nearest; see `quantize_weight`)."""
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size, device="meta")
+        return out.assign(quantize_weight(linear.weight, bits, group_size), bias=linear.bias)
+
+    def assign(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
+        """Take the stored form (`qweight`, `scales`, `zeros`) as this layer's tensors, checked."""
+        for name, tensor in stored.items():
+            current = getattr(self, name)
+            if current is None or tuple(tensor.shape) != tuple(current.shape):
+                expected = None if current is None else tuple(current.shape)
+                raise ValueError(f"{name}: got shape {tuple(tensor.shape)}, this layer holds {expected}")
+            setattr(self, name, tensor.to(current.dtype) if name != "qweight" else tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._kernel_key = None
+        return self
+
+    def extra_repr(self) -> str:
+        grouping = f"group_size={self.group_size}" if self.group_size else "per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, {grouping}, " \
+               f"bias={self.bias is not None}"  # fmt: skip
+
+    def values(self) -> torch.Tensor:
+        """The integer values q [N, K]: uint8 in [0, 15] (int4) or int8."""
+        return unpack_nibbles(self.qweight) if self.bits == 4 else self.qweight
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [N, K] these values stand for."""
+        N, K = self.out_features, self.in_features
+        group = self.group_size or K
+        q = self.values().view(N, K // group, group).to(dtype)
+        if self.bits == 4:
+            w = (q - 8) * self.scales[..., None].to(dtype) + self.zeros[..., None].to(dtype)
+        else:
+            w = q * self.scales[..., None].to(dtype)
+        return w.view(N, K)
+
+    # -- compute ------------------------------------------------------------------------------
+
+    def _kernel_form(self, dtype: torch.dtype) -> tuple:
+        """The weight in the packed kernel's layout, built once per weight and activation dtype."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version, dtype)
+        if self._kernel_key != key:
+            self._kernel = self._build_kernel(dtype)
+            self._kernel_key = key
+        return self._kernel
+
+    def _build_kernel(self, dtype: torch.dtype) -> tuple:
+        N, K = self.out_features, self.in_features
+        if self.bits == 8 and self.group_size is None:
+            return ("int8", self.qweight, self.scales[:, 0].to(dtype))
+        if self.bits == 4:
+            q, scales, zeros, group = self.values(), self.scales, self.zeros, self.group_size
+        else:  # group-wise int8 as two int4 halves: w = s * (16 hi + lo) = (hi+8 - 8) 16s + (lo - 8) s + 8s
+            v = self.qweight.view(N, K // self.group_size, self.group_size)
+            hi, lo = (v >> 4) + 8, v & 15  # arithmetic shift: hi in [-8, 7]
+            q = torch.cat((hi, lo), dim=1).view(N, 2 * K).to(torch.uint8)
+            s, group = self.scales, self.group_size
+            scales, zeros = torch.cat((16 * s, s), 1), torch.cat((torch.zeros_like(s), 8 * s), 1)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
+        return ("int4", packed, group, scales_and_zeros, self.bits == 8)
+
+    def _can_use_kernel(self, x: torch.Tensor) -> bool:
+        # The kernels are fast for bfloat16 activations only (float32: ~30x slower than dequantizing).
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return _INT8_KERNEL if (self.bits == 8 and self.group_size is None) else _INT4_KERNEL
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.numel() // max(x.shape[-1], 1)
+        if torch.compiler.is_compiling():
+            # A compiled graph reads the kernel form as a constant: `prepare` builds it beforehand.
+            kernel = self._kernel if self._kernel is not None and self._kernel_key[-1] == x.dtype else None
+        elif rows < DENSE_ROWS and self._can_use_kernel(x):
+            kernel = self._kernel_form(x.dtype)
+        else:
+            kernel = None
+        if kernel is None:
+            return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+        x2 = x.reshape(rows, self.in_features)
+        if kernel[0] == "int8":
+            y = torch._weight_int8pack_mm(x2, kernel[1], kernel[2])
+        else:
+            _, packed, group, scales_and_zeros, doubled = kernel
+            if doubled:
+                x2 = torch.cat((x2.view(rows, -1, group), x2.view(rows, -1, group)), dim=1).view(rows, -1)
+            y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*lead, self.out_features)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict]:
+    """{module name: {"bits", "group_size"}} for every `QuantLinear` in `model` (what a checkpoint records)."""
+    layers = ((name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear))
+    return {name: {"bits": m.bits, "group_size": m.group_size} for name, m in layers}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The linear layers worth quantizing: every `Linear` with a weight of its own (a head tied to
+    the embeddings is quantized as its own copy: the embedding lookup stays dense)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not m.weight.is_meta]
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: str = "int4",
+    targets: Iterable[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
+    """Replace linear layers of `model` in place by `QuantLinear`s of `scheme` ("int4": group-wise
+    int4 with groups of 32; "int8": per-channel int8) and return it.
+
+    targets: module names (default: every linear layer, see `default_targets`). A layer whose
+    input size the group does not divide stays dense.
+    """
+    if scheme not in QUANT_SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(QUANT_SCHEMES)}")
+    bits, group = QUANT_SCHEMES[scheme]
+    names = list(default_targets(model) if targets is None else targets)
+    for i, name in enumerate(names):
+        linear = model.get_submodule(name)
+        if group and linear.in_features % group:
+            continue
+        with torch.no_grad():
+            quant = QuantLinear.from_linear(linear, bits, group)
+        _set_module(model, name, quant)
+        if progress:
+            progress(i + 1, len(names))
+    return model
+
+
+def empty_quantized(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
+    """Swap the named layers for empty `QuantLinear`s of the recorded layout (a checkpoint being
+    loaded; usually on the meta device) and return the model."""
+    for name, spec in layout.items():
+        linear = model.get_submodule(name)
+        device = linear.weight.device
+        _set_module(
+            model,
+            name,
+            QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, spec["bits"],
+                        spec["group_size"], device=device, dtype=linear.weight.dtype),
+        )  # fmt: skip
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every `QuantLinear` by a dense `Linear` holding its dequantized weight (in place)."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            dense = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            target = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
+            dense.weight = nn.Parameter(m.dequantize(target), requires_grad=False)
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.detach().to(target), requires_grad=False)
+            _set_module(model, name, dense)
+    return model

@@ -1,0 +1,126 @@
+"""Weight-only quantized linears: the stored form, every compute path against a float64
+reference, and model-level quantize/dequantize."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.tiny_models import random_ids, tiny_model
+
+import qkv.nn.quant as quant
+from qkv.nn.linear import Linear
+from qkv.nn.quant import QuantLinear, dequantize_model, pack_nibbles, quantize_model, quantize_weight, unpack_nibbles
+
+
+def reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """x @ w^T + b in float64, w rebuilt from the stored integers by the documented formula."""
+    N, K = layer.out_features, layer.in_features
+    group = layer.group_size or K
+    if layer.bits == 4:
+        q = torch.stack((layer.qweight & 15, layer.qweight >> 4), -1).view(N, K // group, group).double()
+        w = (q - 8) * layer.scales.double()[..., None] + layer.zeros.double()[..., None]
+    else:
+        w = layer.qweight.view(N, K // group, group).double() * layer.scales.double()[..., None]
+    y = x.double() @ w.view(N, K).T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def test_nibbles_round_trip():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.shape == (5, 32)
+    assert packed[0, 0] == q[0, 0] | (q[0, 1] << 4)
+    assert torch.equal(unpack_nibbles(packed), q)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, None), (8, 32)])
+def test_rounding_error_is_at_most_half_a_step(bits, group):
+    w = torch.randn(48, 128)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 48, bias=False).requires_grad_(False), bits, group)
+    layer.assign(quantize_weight(w, bits, group))
+    step = layer.scales.repeat_interleave(group or 128, dim=1)
+    assert (layer.dequantize() - w).abs().le(step / 2 + 1e-6).all()
+    if bits == 4:  # asymmetric: each group's min and max are exact
+        g = w.view(48, -1, group)
+        dq = layer.dequantize().view(48, -1, group)
+        torch.testing.assert_close(dq.amin(-1), g.amin(-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(dq.amax(-1), g.amax(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None), (8, 32)])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 1 and 5: the packed kernels; 40: dequantize + dense matmul
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_matches_float64_reference(bits, group, rows, bias):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 192, bias=bias)
+    layer = QuantLinear.from_linear(dense, bits, group)
+    x = torch.randn(rows, 256)
+    ref = reference(layer, x.bfloat16().float())
+    got = layer(x.bfloat16()).double()
+    # bfloat16 activations and (in the kernels) bfloat16 scales: relative error ~2^-8 of |x||w|
+    scale = (x.abs() @ layer.dequantize().abs().T).double().amax()
+    assert (got - ref).abs().max() <= 2**-6 * scale
+    got32 = layer(x).double()  # float32 activations always take the exact dequantize path
+    torch.testing.assert_close(got32, reference(layer, x), atol=1e-4, rtol=1e-5)
+    assert got.shape == (rows, 192)
+
+
+def test_kernel_path_is_used_and_matches_dense_path_on_bfloat16(monkeypatch):
+    torch.manual_seed(1)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 64, bias=False), 4, 32)
+    x = torch.randn(3, 128).bfloat16()
+    kernel = layer(x)
+    assert layer._kernel is not None  # the packed form was built
+    monkeypatch.setattr(quant, "DENSE_ROWS", 1)
+    dense = layer(x)
+    assert (kernel.float() - dense.float()).abs().max() <= 2**-6 * dense.float().abs().max()
+
+
+def test_group_wise_int8_through_the_int4_kernel_is_exact_in_float32_scales():
+    """q = 16 hi + lo: the doubled int4 product equals the int8 weight up to bfloat16 rounding of
+    the activations and scales only (no rounding of the integers)."""
+    torch.manual_seed(2)
+    layer = QuantLinear(64, 128, bits=8, group_size=32)
+    layer.assign({"qweight": torch.randint(-127, 128, (128, 64), dtype=torch.int8),
+                  "scales": torch.full((128, 2), 2.0**-7)})  # fmt: skip
+    x = torch.randint(-4, 5, (1, 64)).bfloat16()  # small integers: every product exact in bfloat16
+    torch.testing.assert_close(layer(x).double(), reference(layer, x.float()), atol=0.5, rtol=2**-8)
+
+
+def test_leading_dimensions_are_kept():
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32)
+    assert layer(torch.randn(2, 3, 64).bfloat16()).shape == (2, 3, 32)
+
+
+def test_bad_shapes_and_options():
+    with pytest.raises(ValueError, match="bits=3"):
+        QuantLinear(64, 32, bits=3)
+    with pytest.raises(ValueError, match="multiple of the group size 32"):
+        QuantLinear(48, 32, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantLinear(64, 32, bits=4, group_size=None)
+    layer = QuantLinear(64, 32, bits=4)
+    with pytest.raises(ValueError, match=r"qweight: got shape \(32, 64\)"):
+        layer.assign({"qweight": torch.zeros(32, 64, dtype=torch.uint8)})
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        quantize_model(tiny_model("tiny-llama"), "int3")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_model_replaces_every_linear_and_stays_close(scheme):
+    model = tiny_model("tiny-llama", d_model=64, d_ff=128)
+    ids = random_ids(model.config.vocab_size, 2, 12, seed=0)
+    with torch.no_grad():
+        before = model(ids).logits
+        quantize_model(model, scheme)
+        after = model(ids).logits
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and not any(type(m) is Linear for m in model.modules())
+    assert model.embed.tokens.weight.dtype == torch.float32  # the embedding lookup stays dense
+    rel = (after - before).norm() / before.norm()
+    assert rel < (0.02 if scheme == "int8" else 0.2), rel
+    with torch.no_grad():
+        dequantize_model(model)
+        again = model(ids).logits
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    torch.testing.assert_close(again, after, atol=1e-5, rtol=1e-5)

@@ -30,11 +30,12 @@ from qkv.checkpoints.hf_config import (
 from qkv.checkpoints.keymaps import HF_KEYMAPS, T5_GATED, KeyRule, encoder_keymap, with_prefix
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype, tied_aliases
 from qkv.config import ModelConfig
-from qkv.errors import CheckpointError
+from qkv.errors import CheckpointError, UsageError
 from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 from qkv.image import ImagePreprocessing, default_preprocessing, save_preprocessing
 from qkv.models.vision import CLIPConfig
+from qkv.nn.quant import quantized_modules
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -247,8 +248,16 @@ def export_hf(model: nn.Module, out: str | os.PathLike) -> Path:
 
     The directory appears complete or not at all: files are written to a temporary sibling that
     is renamed into place; an existing HF checkpoint (or empty directory) at `out` is replaced only
-    after that succeeds, and any other existing path is refused.
+    after that succeeds, and any other existing path is refused. A quantized model is refused:
+    a Hugging Face directory holds dense weights.
     """
+    quantized = quantized_modules(model)
+    if quantized:
+        raise UsageError(
+            f"cannot export a quantized model to Hugging Face format ({len(quantized)} quantized layers, "
+            f"e.g. {next(iter(quantized))}): dequantize it first with qkv.nn.quant.dequantize_model(model), "
+            "or load it with qkv.load(..., dequantize=True)"
+        )
     cfg: ModelConfig | CLIPConfig = model.config
     hf = config_to_hf(cfg)
     aliases = tied_aliases(model)

@@ -15,6 +15,7 @@ from torch import nn
 
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError, UsageError
+from qkv.nn.quant import empty_quantized
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
@@ -75,11 +76,25 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def materialize(
-    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None, origin: str = "checkpoint"
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    origin: str = "checkpoint",
+    quantized: dict[str, dict] | None = None,
 ) -> nn.Module:
-    """A model holding exactly `state` (qkv names), in `dtype` if given, ready for eval."""
+    """A model holding exactly `state` (qkv names), in `dtype` if given, ready for eval.
+
+    quantized: {module name: {"bits", "group_size"}} (`qkv.nn.quant.quantized_modules`): those
+    linear layers become `QuantLinear`s before `state` is assigned, and their stored tensors
+    (qweight, scales, zeros) keep their own dtypes whatever `dtype` says. A tied LM head that was
+    quantized is its own module then, so it is not re-tied to the embeddings.
+    """
     model = build_on_meta(cfg)
-    aliases = tied_aliases(model)
+    exact: set[str] = set()  # tensors `dtype` must not cast: a quantized layer's stored form
+    if quantized:
+        empty_quantized(model, quantized)
+        exact = {f"{name}.{buffer}" for name in quantized for buffer in ("qweight", "scales", "zeros")}
+    aliases = tied_aliases(model)  # after the swap: a quantized head no longer shares the embeddings' weight
     expected = set(model.state_dict())
     missing = sorted(expected - set(state) - set(aliases))
     unexpected = sorted(set(state) - expected)
@@ -88,7 +103,11 @@ def materialize(
             f"{origin}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: v.to(dtype) if v.is_floating_point() and k not in exact else v for k, v in state.items()}
+    # A fresh, 64-byte aligned copy of the stored form: a tensor memory-mapped from a file sits at
+    # whatever offset the file gives it, and torch's int8 CPU kernel (`_weight_int8pack_mm`, bf16
+    # activations) crashes on a misaligned weight.
+    state = {k: v.clone() if k in exact else v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k not in aliases}
     model.load_state_dict(state, strict=False, assign=True)
     for alias, source in aliases.items():  # assign=True replaced the shared parameter: share it again

@@ -1,8 +1,11 @@
 """qkv's native checkpoint: a directory that `save_native` writes and `load_native` reads.
 
     run/checkpoint/
-      config.json          {"format": "qkv", "format_version": 1, "config": ModelConfig.to_dict()}
-      model.safetensors    the state dict; a tied parameter is stored once, under its first name
+      config.json          {"format": "qkv", "format_version": 1, "config": ModelConfig.to_dict(),
+                            "quantization": {module name: {"bits", "group_size"}}  (quantized models only)}
+      model.safetensors    the state dict; a tied parameter is stored once, under its first name;
+                           a quantized layer's stored form as it is (qweight uint8/int8, scales and
+                           zeros float32: see `qkv.nn.quant`)
       tokenizer.json       when the model carries a tokenizer
       training_state.pt    optional: optimizer, schedule, RNG states, data position, step
                            (plain tensors and containers, read with torch.load(weights_only=True))
@@ -34,6 +37,7 @@ from qkv.formats.jsonfile import parse_json, read_json
 from qkv.formats.safetensors import SafetensorsFile, save_safetensors
 from qkv.image import ImagePreprocessing, default_preprocessing, save_preprocessing
 from qkv.models.vision import CLIPConfig
+from qkv.nn.quant import QuantLinear, empty_quantized, quantized_modules
 
 FORMAT = "qkv"
 FORMAT_VERSION = 1
@@ -63,6 +67,9 @@ def save_native(model: nn.Module, path: str | os.PathLike, training_state: dict 
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}
+        quantized = quantized_modules(model)
+        if quantized:
+            header["quantization"] = quantized
         (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         aliases = tied_aliases(model)
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
@@ -96,7 +103,11 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_native_config(path: str | os.PathLike) -> ModelConfig | CLIPConfig:
     """The ModelConfig of a native checkpoint; CheckpointError says what is wrong with config.json."""
-    path = Path(path)
+    return _config_from(_read_header(Path(path)), Path(path) / CONFIG_FILE)
+
+
+def _read_header(path: Path) -> dict:
+    """config.json of the checkpoint at `path`, its format and version checked."""
     _check_directory(path)
     file = path / CONFIG_FILE
     if not file.is_file():
@@ -112,6 +123,10 @@ def read_native_config(path: str | os.PathLike) -> ModelConfig | CLIPConfig:
             f"{file} has format_version {version!r}; this qkv reads version {FORMAT_VERSION}"
             + (" (it was written by a newer qkv: upgrade qkv)" if newer else "")
         )
+    return data
+
+
+def _config_from(data: dict, file: Path) -> ModelConfig | CLIPConfig:
     if not isinstance(data.get("config"), dict):
         raise CheckpointError(f'{file} has no "config" object with the model\'s hyper-parameters')
     try:
@@ -120,6 +135,36 @@ def read_native_config(path: str | os.PathLike) -> ModelConfig | CLIPConfig:
         return ModelConfig.from_dict(data["config"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{file} holds an invalid model config: {exc}") from None
+
+
+def _quantization_from(data: dict, model: nn.Module, file: Path) -> dict[str, dict]:
+    """The "quantization" entry of config.json, checked against `model` (built from the config):
+    every named module is a linear layer of it, bits are 4 or 8, the group divides its inputs."""
+    layout = data.get("quantization", {})
+    if not isinstance(layout, dict):
+        raise CheckpointError(f'{file}: "quantization" must be an object {{module name: {{"bits", "group_size"}}}}')
+    modules = dict(model.named_modules())
+    for name, spec in layout.items():
+        where = f'{file}: "quantization" entry {name!r}'
+        if not isinstance(modules.get(name), nn.Linear):
+            found = "no such module" if name not in modules else f"it is a {type(modules[name]).__name__}"
+            raise CheckpointError(f"{where} does not name a linear layer of the model ({found})")
+        if not isinstance(spec, dict) or set(spec) != {"bits", "group_size"}:
+            raise CheckpointError(f'{where} must be {{"bits": 4 or 8, "group_size": int or null}}, got {spec!r}')
+        bits, group = spec["bits"], spec["group_size"]
+        if type(bits) is not int or bits not in (4, 8):
+            raise CheckpointError(f"{where} has bits={bits!r}; qkv stores 4 or 8")
+        if group is None and bits == 4:
+            raise CheckpointError(f"{where}: int4 needs a group_size, got null")
+        in_features = modules[name].in_features
+        if group is not None and (
+            type(group) is not int or group <= 0 or in_features % group or (bits == 4 and group % 2)
+        ):
+            raise CheckpointError(
+                f"{where} has group_size={group!r}, which does not divide in_features={in_features} "
+                "into groups (a positive divisor, even for int4)"
+            )
+    return layout
 
 
 def _check_directory(path: Path) -> None:
@@ -141,9 +186,12 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
 
     The model is built on the meta device and takes the file's tensors with
     `load_state_dict(assign=True)` (no random init, no second copy); `dtype` casts floating tensors.
+    A quantized checkpoint (config.json's "quantization") loads as `QuantLinear`s holding the
+    stored form; `dtype` casts the rest (and the activations), never qweight, scales or zeros.
     """
     path = Path(path)
-    cfg = read_native_config(path)
+    data = _read_header(path)
+    cfg = _config_from(data, path / CONFIG_FILE)
     file = path / WEIGHTS_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: the checkpoint has no weights")
@@ -154,10 +202,14 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | str | None = None)
     else:
         check_config_fits(cfg, weights.shapes(), LAYER_PATTERNS, str(file))
     meta = build_on_meta(cfg)
+    quantized = _quantization_from(data, meta, path / CONFIG_FILE)
+    empty_quantized(meta, quantized)
     aliases = tied_aliases(meta)
-    _check_tensors(file, weights.header, {k: tuple(v.shape) for k, v in meta.state_dict().items() if k not in aliases})
+    expected = {k: v for k, v in meta.state_dict().items() if k not in aliases}
+    _check_tensors(file, weights.header, {k: tuple(v.shape) for k, v in expected.items()})
+    _check_stored_dtypes(file, weights.header, meta)
     state = {name: weights[name] for name in sorted(weights.names())}
-    model = materialize(cfg, state, resolve_dtype(dtype), origin=str(file))
+    model = materialize(cfg, state, resolve_dtype(dtype), origin=str(file), quantized=quantized)
     if (path / TOKENIZER_FILE).is_file():
         model.tokenizer = _load_tokenizer(path)
     if isinstance(cfg, CLIPConfig) or cfg.family == "vit":
@@ -182,6 +234,24 @@ def _check_tensors(file: Path, header: dict[str, dict], expected: dict[str, tupl
     ]
     if wrong:
         raise CheckpointError(f"{file} has tensors of the wrong shape: {'; '.join(wrong[:5])}")
+
+
+# safetensors names of the dtypes a quantized layer stores.
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32"}
+
+
+def _check_stored_dtypes(file: Path, header: dict[str, dict], model: nn.Module) -> None:
+    """A quantized layer's tensors must have the exact dtypes it computes with (qweight's bits are
+    its meaning: a cast would change the weights)."""
+    wrong = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            for key, tensor in module.named_buffers(recurse=False):
+                stored, needed = header[f"{name}.{key}"]["dtype"], _SAFETENSORS_DTYPES[tensor.dtype]
+                if stored != needed:
+                    wrong.append(f"{name}.{key} is {stored} in the file, int{module.bits} stores {needed}")
+    if wrong:
+        raise CheckpointError(f"{file} has quantized tensors of the wrong dtype: {'; '.join(wrong[:5])}")
 
 
 def _load_tokenizer(directory: Path) -> Any:

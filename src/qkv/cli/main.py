@@ -39,6 +39,7 @@ SUBCOMMANDS = (
     "finetune",
     "classify",
     "zero-shot",
+    "bench",
 )
 
 

@@ -44,4 +44,4 @@ def test_bad_arguments(checkpoint):
     with pytest.raises(ValueError, match="dtype"):
         load(checkpoint[1], dtype="float8")
     with pytest.raises(ValueError, match="quantize"):
-        load(checkpoint[1], quantize="int4")
+        load(checkpoint[1], quantize="int3")

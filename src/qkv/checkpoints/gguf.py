@@ -1,15 +1,16 @@
 """Load a llama.cpp GGUF file into a qkv `DecoderLM`, with the tokenizer it carries.
 
-    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")           # float32
-    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", dtype="bfloat16")
+    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")                    # packed int4, bfloat16
+    model = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", dequantize=True)   # dense float32
 
 The metadata becomes a `ModelConfig` through the `HPARAMS` table; tensor names map to qkv's
-through `GGUF_KEYMAPS` (checkpoints/keymaps.py). Every tensor (F32, F16, BF16, Q4_0/1, Q5_0/1,
-Q8_0, Q2_K..Q6_K) is dequantized straight into its place in the model's tensors, in `dtype`:
-Q, K and V into their rows of the fused `qkv_proj`, gate and up into the fused `up`, with no
-intermediate copy (`qkv.formats.gguf.GGUFFile.tensor(name, out=...)`). The model is built on the meta
-device and the tensors are assigned in place (`checkpoints.materialize`), so loading never pays
-for a random initialisation.
+through `GGUF_KEYMAPS` (checkpoints/keymaps.py). Linear layers stored as Q4_0, Q4_1 or Q8_0 keep
+their blocks' values and scales (`QuantLinear`, see `load_gguf`); every other tensor (F32, F16,
+BF16, Q5_0/1, Q2_K..Q6_K, and all of them with dequantize=True) is dequantized straight into its
+place in the model's tensors: Q, K and V into their rows of the fused `qkv_proj`, gate and up into
+the fused `up`, with no intermediate copy (`qkv.formats.gguf.GGUFFile.tensor(name, out=...)`). The
+model is built on the meta device and the tensors are assigned in place
+(`checkpoints.materialize`), so loading never pays for a random initialisation.
 
 RoPE layout: llama.cpp's converter (`convert_hf_to_gguf.py`, `LlamaModel.permute`) reorders the
 rows of each attention head of Q (with n_head) and K (with n_head_kv) from Hugging Face's
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from qkv.checkpoints.convert import expand_rules, to_qkv_state_dict
 from qkv.checkpoints.fit import check_config_fits
@@ -34,9 +36,10 @@ from qkv.checkpoints.keymaps import GGUF_KEYMAPS, IGNORED_SUFFIXES
 from qkv.checkpoints.materialize import build_on_meta, materialize, resolve_dtype
 from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
-from qkv.formats.gguf import GGUFFile, TensorInfo, read_gguf
+from qkv.formats.gguf import PACKED_BITS, PACKED_GROUP, GGUFFile, TensorInfo, read_gguf
 from qkv.models import DecoderLM
 from qkv.nn.position import rope_inv_freq
+from qkv.nn.quant import pack_nibbles
 
 __all__ = [
     "GGUFFile",
@@ -288,14 +291,22 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> DecoderLM:
-    """The model in the GGUF file at `path`, dequantized to `dtype` (default float32), in eval mode.
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, dequantize: bool = False) -> DecoderLM:
+    """The model in the GGUF file at `path`, in eval mode.
+
+    By default the weights stay as the file stores them, as llama.cpp keeps them: every linear
+    layer whose tensors are Q4_0/Q4_1 (int4) or Q8_0 (int8) becomes a `qkv.nn.quant.QuantLinear`
+    holding the file's own values and scales, and the rest (norms, the embedding lookup, other
+    tensor types such as the K-quants) is dequantized to `dtype` (default bfloat16, the dtype the
+    packed kernels compute in). A tied output head is its own packed layer beside the dense
+    embedding table. `dequantize=True` dequantizes everything to `dtype` (default float32): the
+    dense model the Hugging Face parity tests use.
 
     `model.tokenizer` is the file's tokenizer (with its chat template) when it carries one.
     Raises CheckpointError naming the file for a malformed file, missing metadata or tensors, or
     an architecture or tensor type qkv does not support.
     """
-    dtype = resolve_dtype(dtype) or torch.float32
+    dtype = resolve_dtype(dtype) or (torch.float32 if dequantize else torch.bfloat16)
     file = read_gguf(path)
     cfg = config_from_gguf(file)
     origin = str(file.path)
@@ -303,25 +314,72 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -
     shapes = {name: info.shape for name, info in file.tensors.items()}
     check_config_fits(cfg, shapes, (name for rule in GGUF_KEYMAPS[arch] for name in rule.sources), origin)
     permuted = {kind: getattr(cfg, field) for kind, field in ARCHITECTURES[arch]["rope_permuted"].items()}
-    expected = {k: tuple(v.shape) for k, v in build_on_meta(cfg).state_dict().items()}
-    state = {}
+    meta = build_on_meta(cfg)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    linears = {f"{name}.weight": name for name, m in meta.named_modules() if isinstance(m, nn.Linear)}
+    plan = _plan(file, cfg, expected)
+    if cfg.tie_embeddings and not dequantize:  # the head reads the embeddings' packed blocks itself
+        plan["lm_head.weight"] = plan["embed.tokens.weight"]
+    state: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict] = {}
     with _one_thread():
-        for target, sources in _plan(file, cfg, expected).items():
-            # Each source is dequantized straight into its rows of the (fused) qkv tensor: no
-            # intermediate copies, no concatenation.
-            state[target] = weight = torch.empty(expected[target], dtype=dtype)
-            row = 0
-            for name in sources:
-                rows = file.tensors[name].shape[0]
-                part = weight[row : row + rows]
-                row += rows
-                kind = name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.attn_q.weight
-                if kind in permuted:
-                    try:
-                        part = rope_rows_view(part, permuted[kind])
-                    except ValueError as exc:
-                        raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(part.shape)}: {exc}") from None
-                file.tensor(name, out=part)
-    model = materialize(cfg, state, origin=origin)
+        for target, sources in plan.items():
+            bits = {PACKED_BITS.get(file.tensors[name].qtype) for name in sources}
+            if not dequantize and target in linears and len(bits) == 1 and None not in bits:
+                module = linears[target]
+                state.update(_packed(file, module, sources, permuted, origin))
+                layout[module] = {"bits": bits.pop(), "group_size": PACKED_GROUP}
+            elif target != "lm_head.weight" or not cfg.tie_embeddings:
+                state[target] = _dense(file, sources, expected[target], dtype, permuted, origin)
+            if target != "embed.tokens.weight" or dequantize or not cfg.tie_embeddings:  # read twice if tied
+                for name in sources:
+                    file.release(name)
+    model = materialize(cfg, state, origin=origin, quantized=layout)
     model.tokenizer = _tokenizer(file)
     return model
+
+
+def _kind(name: str) -> str | None:
+    return name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.attn_q.weight -> attn_q
+
+
+def _dense(
+    file: GGUFFile, sources: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype, permuted: dict, origin: str
+) -> torch.Tensor:
+    """The sources dequantized straight into their rows of one (fused) tensor: Q, K and V into
+    `qkv_proj`, gate and up into `up`, with no intermediate copies and no concatenation."""
+    weight = torch.empty(shape, dtype=dtype)
+    row = 0
+    for name in sources:
+        rows = file.tensors[name].shape[0]
+        part = weight[row : row + rows]
+        row += rows
+        if _kind(name) in permuted:
+            try:
+                part = rope_rows_view(part, permuted[_kind(name)])
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(part.shape)}: {exc}") from None
+        file.tensor(name, out=part)
+    return weight
+
+
+def _packed(
+    file: GGUFFile, module: str, sources: tuple[str, ...], permuted: dict, origin: str
+) -> dict[str, torch.Tensor]:
+    """A `QuantLinear`'s stored tensors ({module}.qweight/scales/zeros) from the sources' blocks,
+    stacked along the rows and RoPE rows un-permuted (each row's groups move with it)."""
+    parts = []
+    for name in sources:
+        stored = file.quantized(name)
+        if _kind(name) in permuted:
+            try:
+                stored = {k: unpermute_rope_rows(v, permuted[_kind(name)]) for k, v in stored.items()}
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
+        parts.append(stored)
+    q = torch.cat([p["q"] for p in parts])  # a copy: the model never points into the file's map
+    out = {f"{module}.qweight": pack_nibbles(q) if q.dtype == torch.uint8 else q}
+    for key in ("scales", "zeros"):
+        if key in parts[0]:
+            out[f"{module}.{key}"] = torch.cat([p[key] for p in parts])
+    return out

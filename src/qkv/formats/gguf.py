@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
 import os
 import struct
 import warnings
@@ -108,6 +109,29 @@ TORCH_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor],
 }  # fmt: skip
 
 
+# Types whose blocks carry over to `qkv.nn.quant.QuantLinear` as they are (`GGUFFile.quantized`):
+# Q4_0 and Q4_1 as int4 in groups of 32, Q8_0 as group-wise int8.
+PACKED_BITS: dict[GGMLQuantizationType, int] = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
+PACKED_GROUP = 32
+
+
+def _stored_q4_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = _scale(blocks, 0)[..., 0]  # w = (q - 8) d: zero = 0
+    return {"q": _nibbles(blocks[..., 2:]), "scales": d, "zeros": torch.zeros_like(d)}
+
+
+def _stored_q4_1(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    d, m = _scale(blocks, 0)[..., 0], _scale(blocks, 2)[..., 0]  # w = q d + m = (q - 8) d + (m + 8 d)
+    return {"q": _nibbles(blocks[..., 4:]), "scales": d, "zeros": m + 8 * d}
+
+
+def _stored_q8_0(blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"q": blocks[..., 2:].view(torch.int8), "scales": _scale(blocks, 0)[..., 0]}
+
+
+STORED_KERNELS = {Q.Q4_0: _stored_q4_0, Q.Q4_1: _stored_q4_1, Q.Q8_0: _stored_q8_0}
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in a GGUF file. `shape` is in PyTorch order (GGUF lists ne[0] first)."""
@@ -166,15 +190,57 @@ class GGUFFile:
         if kernel is None or info.offset % 4:  # a file aligned to less than 4 bytes: numpy reads it
             values = np.require(gguf_dequantize(self.raw(name), info.qtype), np.float32, "W")  # F32: the map
             return out.copy_(torch.from_numpy(values).view(out.shape))
+        if out.dtype != torch.float32 and out.dim() == 2 and out.shape == info.shape and out.shape[-1] % block == 0:
+            # compute in float32 a slab of rows at a time, then cast: no whole float32 copy at once
+            n_blocks, step = out.shape[-1] // block, max(1, (1 << 22) // out.shape[-1])
+            blocks = self._blocks(info).view(out.shape[0], n_blocks, type_size)
+            for i in range(0, out.shape[0], step):
+                slab = torch.empty(blocks[i : i + step].shape[0], n_blocks, block)
+                kernel(blocks[i : i + step], slab)
+                out[i : i + step].copy_(slab.view(-1, out.shape[-1]))
+            return out
         if out.dtype != torch.float32 or out.shape[-1] % block:  # compute in float32, then cast/reshape
             return out.copy_(self.tensor(name).view(out.shape))
+        lead, n_blocks = out.shape[:-1], out.shape[-1] // block
+        kernel(self._blocks(info).view(*lead, n_blocks, type_size), out.unflatten(-1, (n_blocks, block)))
+        return out
+
+    def _blocks(self, info: TensorInfo) -> torch.Tensor:
+        """The tensor's bytes as a flat read-only uint8 tensor over the map (no copy)."""
         if self._bytes is None:
             with warnings.catch_warnings():  # the map is read-only; qkv never writes to it
                 warnings.simplefilter("ignore", UserWarning)
                 self._bytes = torch.from_numpy(self._data)
-        lead, n_blocks = out.shape[:-1], out.shape[-1] // block
-        blocks = self._bytes[info.offset : info.offset + info.n_bytes].view(*lead, n_blocks, type_size)
-        kernel(blocks, out.unflatten(-1, (n_blocks, block)))
+        return self._bytes[info.offset : info.offset + info.n_bytes]
+
+    def release(self, name: str) -> None:
+        """Let the OS drop tensor `name`'s pages of the map from memory (read back if used again):
+        a loader that has copied a tensor out does not keep the file resident beside the model."""
+        info, mapped = self.tensors[name], getattr(self._data, "_mmap", None)
+        if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(info.offset + info.n_bytes, len(mapped))
+        if end > start:
+            mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def quantized(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensor `name` (Q4_0, Q4_1 or Q8_0, see PACKED_BITS) in its own quantized form, rows first:
+        {"q": values [rows, K] (uint8 in [0, 15] for Q4, int8 for Q8_0), "scales": float32
+        [rows, K / 32], "zeros" (Q4 only)} with w = (q - 8) * scale + zero (Q4) or q * scale (Q8_0),
+        `qkv.nn.quant`'s convention: the file's values and fp16 scales, exactly."""
+        info = self.tensors[name]
+        if info.qtype not in STORED_KERNELS:
+            raise ValueError(f"{name} is stored as {info.qtype.name}; only {sorted(t.name for t in STORED_KERNELS)} "
+                             "keep their quantized form")  # fmt: skip
+        block, type_size = GGML_QUANT_SIZES[info.qtype]
+        rows, K = math.prod(info.shape[:-1]), info.shape[-1]
+        if info.offset % 4:  # the vectorised kernels read aligned words; a misaligned file gets a copy
+            blocks = torch.from_numpy(self.raw(name).copy()).view(rows, K // block, type_size)
+        else:
+            blocks = self._blocks(info).view(rows, K // block, type_size)
+        out = STORED_KERNELS[info.qtype](blocks)
+        out["q"] = out["q"].reshape(rows, K)
         return out
 
 

@@ -9,18 +9,21 @@ Stored form (what a checkpoint holds, the same on every machine):
 - int8: `qweight` int8 [N, K]; `scales` float32 [N, K/group] (one group: per channel). w = q * scale.
   llama.cpp's Q8_0 is group-wise int8 with groups of 32.
 
-Compute: at the first bfloat16 inference forward the weight is converted once into the layout of
-torch's packed CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), which read 4 or 8
-bits a weight instead of 16 or 32: a matrix-vector product, batch-1 decoding's whole cost, is
-bound by how many bytes it reads. Group-wise int8 runs through the int4 kernel too: q = 16 hi + lo
-with hi in [-8, 7] and lo in [0, 15] is exact, and [x | x] @ [hi | lo]^T is one int4 product over
-2K columns. Many rows at once (a long prompt) are compute-bound, not byte-bound: they dequantize
-the weight to the activations' dtype and take the dense oneDNN matmul. Without the kernels (an
-older torch, another device, training), every product is dequantize + matmul.
+Compute: at the first bfloat16 inference forward (or `prepare()`) the weight is converted once into
+the layout of torch's packed CPU kernels, which then is the only copy of the values in memory
+(the stored form is rebuilt from it for `state_dict()` and `dequantize()`). Those kernels
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) read 4 or 8 bits a weight instead of 16
+or 32: a matrix-vector product, batch-1 decoding's whole cost, is bound by how many bytes it
+reads. Group-wise int8 runs through the int4 kernel too: q = 16 hi + lo with hi in [-8, 7] and lo
+in [0, 15] is exact, and [x | x] @ [hi | lo]^T is one int4 product over 2K columns. Many rows at
+once (a long prompt) are compute-bound, not byte-bound: they dequantize the weight to the
+activations' dtype and take the dense oneDNN matmul. Without the kernels (an older torch,
+another device, float32 activations, training), every product is dequantize + matmul.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 
@@ -35,6 +38,7 @@ __all__ = [
     "QuantLinear",
     "dequantize_model",
     "pack_nibbles",
+    "prepare_model",
     "quantize_model",
     "quantize_weight",
     "quantized_modules",
@@ -59,6 +63,40 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_nibbles`: bytes [..., n] -> uint8 [..., 2n]."""
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+_BLOCK_N = 64  # rows per block of torch's CPU int4 layout (aten/src/ATen/native/cpu/int4mm_kernel.cpp)
+
+
+def _int4pack(q: torch.Tensor) -> torch.Tensor:
+    """Values [N, K] in [0, 15] -> torch's packed CPU int4 layout, converted a block of rows at a
+    time (the converter wants int32: a whole large matrix would need 4 bytes a weight at once)."""
+    N = q.shape[0]
+    step = 4096 if N % _BLOCK_N == 0 else N
+    return torch.cat([torch._convert_weight_to_int4pack_for_cpu(q[i : i + step].to(torch.int32), 1)
+                      for i in range(0, N, step)])  # fmt: skip
+
+
+def _int4unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_int4pack` (uint8 [N, K]) for the layout `_int4_layout_known` checked: each
+    block of 64 rows is [K, 32] bytes holding row n in the low nibble and row n + 32 in the high."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(N // _BLOCK_N, K, _BLOCK_N // 2)
+    return torch.cat((blocks & 15, blocks >> 4), dim=2).transpose(1, 2).reshape(N, K)
+
+
+@functools.cache
+def _int4_layout_ok() -> bool:
+    """Whether this torch's packed layout is the one `_int4unpack` reads (checked once, on random values)."""
+    q = torch.randint(0, 16, (2 * _BLOCK_N, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        return torch.equal(_int4unpack(_int4pack(q)), q)
+    except RuntimeError:
+        return False
+
+
+def _int4_layout_known(rows: int) -> bool:
+    return rows % _BLOCK_N == 0 and _int4_layout_ok()
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> dict[str, torch.Tensor]:
@@ -119,9 +157,11 @@ class QuantLinear(nn.Module):
         else:
             self.zeros = None
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        # Once the packed kernel form is built, it is the only copy of the values in memory: the
+        # stored `qweight` becomes an empty placeholder and is rebuilt from it when asked for.
         self._kernel: tuple | None = None
-        self._kernel_key: tuple | None = None
-        self._dense: torch.Tensor | None = None  # never kept: see _dense_weight
+        self._kernel_dtype: torch.dtype | None = None
+        self._released = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 32) -> QuantLinear:
@@ -132,15 +172,18 @@ class QuantLinear(nn.Module):
     def assign(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
         """Take the stored form (`qweight`, `scales`, `zeros`) as this layer's tensors, checked."""
         for name, tensor in stored.items():
-            current = getattr(self, name)
+            current = self._stored_placeholder() if name == "qweight" else getattr(self, name)
             if current is None or tuple(tensor.shape) != tuple(current.shape):
                 expected = None if current is None else tuple(current.shape)
                 raise ValueError(f"{name}: got shape {tuple(tensor.shape)}, this layer holds {expected}")
             setattr(self, name, tensor.to(current.dtype) if name != "qweight" else tensor)
         if bias is not None:
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self._kernel_key = None
+        self._forget_kernel()
         return self
+
+    def _forget_kernel(self) -> None:
+        self._kernel, self._kernel_dtype, self._released = None, None, False
 
     def extra_repr(self) -> str:
         grouping = f"group_size={self.group_size}" if self.group_size else "per-channel"
@@ -149,7 +192,39 @@ class QuantLinear(nn.Module):
 
     def values(self) -> torch.Tensor:
         """The integer values q [N, K]: uint8 in [0, 15] (int4) or int8."""
+        if self._released:
+            return self._values_from_kernel()
         return unpack_nibbles(self.qweight) if self.bits == 4 else self.qweight
+
+    def _stored_placeholder(self) -> torch.Tensor:
+        """A meta tensor with the stored `qweight`'s shape and dtype (what the checkpoint holds)."""
+        N, K = self.out_features, self.in_features
+        shape, dtype = ((N, K // 2), torch.uint8) if self.bits == 4 else ((N, K), torch.int8)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._released:  # the checkpoint holds the stored form, whatever is in memory
+            q = self.values()
+            destination[prefix + "qweight"] = pack_nibbles(q) if self.bits == 4 else q
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._released:  # give the loader a tensor of the stored shape to check against and fill
+            placeholder = self._stored_placeholder()
+            self.qweight = torch.empty(placeholder.shape, dtype=placeholder.dtype, device=self.scales.device)
+            self._forget_kernel()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._forget_kernel()
+
+    def _apply(self, fn, recurse=True):
+        """`model.to(dtype)` moves but never rounds the scales and zeros: they stay float32."""
+        kept = {k: self._buffers[k] for k in ("scales", "zeros") if self._buffers.get(k) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [N, K] these values stand for."""
@@ -164,29 +239,41 @@ class QuantLinear(nn.Module):
 
     # -- compute ------------------------------------------------------------------------------
 
-    def _kernel_form(self, dtype: torch.dtype) -> tuple:
-        """The weight in the packed kernel's layout, built once per weight and activation dtype."""
-        key = (self.qweight.data_ptr(), self.qweight._version, self.scales._version, dtype)
-        if self._kernel_key != key:
-            self._kernel = self._build_kernel(dtype)
-            self._kernel_key = key
-        return self._kernel
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Build the packed kernel form for `dtype` activations now (the first forward would)."""
+        if self._kernel_dtype != dtype:
+            try:
+                self._kernel = self._build_kernel(dtype)
+            except RuntimeError:  # a shape the kernel does not take (its rows must be a multiple of 16)
+                self._kernel = ("dense",)
+            self._kernel_dtype = dtype
+            if self._kernel[0] == "int4" and _int4_layout_known(self._kernel[1].shape[0]):
+                self._released = True
+                self.qweight = self._stored_placeholder()
 
     def _build_kernel(self, dtype: torch.dtype) -> tuple:
         N, K = self.out_features, self.in_features
+        q = self.values()
         if self.bits == 8 and self.group_size is None:
-            return ("int8", self.qweight, self.scales[:, 0].to(dtype))
+            return ("int8", q, self.scales[:, 0].to(dtype))
         if self.bits == 4:
-            q, scales, zeros, group = self.values(), self.scales, self.zeros, self.group_size
+            scales, zeros, group = self.scales, self.zeros, self.group_size
         else:  # group-wise int8 as two int4 halves: w = s * (16 hi + lo) = (hi+8 - 8) 16s + (lo - 8) s + 8s
-            v = self.qweight.view(N, K // self.group_size, self.group_size)
-            hi, lo = (v >> 4) + 8, v & 15  # arithmetic shift: hi in [-8, 7]
-            q = torch.cat((hi, lo), dim=1).view(N, 2 * K).to(torch.uint8)
+            v = q.view(N, K // self.group_size, self.group_size)
+            q = torch.cat(((v >> 4) + 8, v & 15), dim=1).view(N, 2 * K)  # arithmetic shift: hi in [-8, 7]
             s, group = self.scales, self.group_size
             scales, zeros = torch.cat((16 * s, s), 1), torch.cat((torch.zeros_like(s), 8 * s), 1)
-        packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
-        return ("int4", packed, group, scales_and_zeros, self.bits == 8)
+        return ("int4", _int4pack(q), group, scales_and_zeros, self.bits == 8)
+
+    def _values_from_kernel(self) -> torch.Tensor:
+        _, packed, group, _, doubled = self._kernel
+        N, K = self.out_features, self.in_features
+        q = _int4unpack(packed)
+        if not doubled:
+            return q
+        halves = q.view(N, 2, K // group, group).to(torch.int16)
+        return ((halves[:, 0] - 8) * 16 + halves[:, 1]).view(N, K).to(torch.int8)
 
     def _can_use_kernel(self, x: torch.Tensor) -> bool:
         # The kernels are fast for bfloat16 activations only (float32: ~30x slower than dequantizing).
@@ -201,12 +288,13 @@ class QuantLinear(nn.Module):
         rows = x.numel() // max(x.shape[-1], 1)
         if torch.compiler.is_compiling():
             # A compiled graph reads the kernel form as a constant: `prepare` builds it beforehand.
-            kernel = self._kernel if self._kernel is not None and self._kernel_key[-1] == x.dtype else None
+            kernel = self._kernel if self._kernel_dtype == x.dtype else None
         elif rows < DENSE_ROWS and self._can_use_kernel(x):
-            kernel = self._kernel_form(x.dtype)
+            self.prepare(x.dtype)
+            kernel = self._kernel
         else:
             kernel = None
-        if kernel is None:
+        if kernel is None or kernel[0] == "dense":
             return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
         x2 = x.reshape(rows, self.in_features)
         if kernel[0] == "int8":
@@ -281,14 +369,25 @@ def empty_quantized(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
     return model
 
 
+def prepare_model(model: nn.Module) -> nn.Module:
+    """Build every `QuantLinear`'s packed kernel form now, in the model's activation dtype (the
+    first forward would): loading pays for it once, and the stored copies are released."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if layers and dtype == torch.bfloat16 and _INT4_KERNEL:
+        for layer in layers:
+            layer.prepare(dtype)
+    return model
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every `QuantLinear` by a dense `Linear` holding its dequantized weight (in place)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             dense = Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             target = dtype or (m.bias.dtype if m.bias is not None else torch.float32)
-            dense.weight = nn.Parameter(m.dequantize(target), requires_grad=False)
+            dense.weight = nn.Parameter(m.dequantize(target))
             if m.bias is not None:
-                dense.bias = nn.Parameter(m.bias.detach().to(target), requires_grad=False)
+                dense.bias = nn.Parameter(m.bias.detach().to(target))
             _set_module(model, name, dense)
     return model

@@ -105,7 +105,7 @@ def test_smollm2_gguf_to_hf_loads_in_transformers_with_equal_logits(tmp_path, ca
     assert main(["convert", "smollm2-135m-instruct", str(dst), "--to", "hf"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                      "tokenizer_config.json"]  # fmt: skip
-    ours = qkv.load("smollm2-135m-instruct")
+    ours = qkv.load("smollm2-135m-instruct", dequantize=True)  # float32, as convert reads it
     theirs = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(dst)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -113,3 +113,63 @@ def test_smollm2_gguf_to_hf_loads_in_transformers_with_equal_logits(tmp_path, ca
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == prompt
     ids = torch.tensor([prompt + list(range(1000, 1032))])
     assert (logits(theirs, ids) - logits(ours, ids)).abs().max() <= TOL
+
+
+# -- --quantize ------------------------------------------------------------------------------------
+@pytest.fixture
+def dense_qkv(tmp_path):
+    """A tiny random LLaMA (tied head; every input size a multiple of 32) as a float32 qkv checkpoint."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("tiny-llama", vocab_size=96, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128,
+                       tie_embeddings=True)  # fmt: skip
+    return qkv.checkpoints.native.save_native(model, tmp_path / "dense")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_writes_a_checkpoint_that_loads_quantized(dense_qkv, tmp_path, capsys, scheme):
+    from qkv.nn.quant import QuantLinear, quantize_model, quantized_modules
+
+    dst = tmp_path / scheme
+    assert main(["convert", str(dense_qkv), str(dst), "--to", "qkv", "--quantize", scheme]) == 0
+    assert f"quantizing to {scheme}: 9/9 linear layers" in capsys.readouterr().err
+    loaded = qkv.load(dst)
+    layout = quantized_modules(loaded)
+    assert len(layout) == 9 and isinstance(loaded.lm_head, QuantLinear)  # 4 per block, and the (tied) head
+    assert {spec["bits"] for spec in layout.values()} == {int(scheme[3:])}
+    assert json.loads((dst / "config.json").read_text())["quantization"] == layout
+    expected = quantize_model(qkv.load(dense_qkv, dequantize=True), scheme).to(torch.bfloat16)
+    expected.rope.reset_buffers()  # .to() rounded the RoPE frequencies to bfloat16; a load computes them in float32
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(loaded, ids), logits(expected, ids))
+    assert loaded.embed.tokens.weight.dtype == torch.bfloat16
+
+
+def test_quantize_keeps_dtype_and_reports_dense_layers(hf_dir, tmp_path, capsys):
+    """int4 groups of 32 do not divide this model's 48 inputs: no layer quantizes, which is an error;
+    int8 (per channel) quantizes them all, and --dtype sets the rest."""
+    assert main(["convert", str(hf_dir[1]), str(tmp_path / "q4"), "--to", "qkv", "--quantize", "int4"]) == 2
+    assert "no linear layer of this model can be quantized" in capsys.readouterr().err
+    assert not (tmp_path / "q4").exists()
+    dst = tmp_path / "q8"
+    assert main(["convert", str(hf_dir[1]), str(dst), "--to", "qkv", "--quantize", "int8", "--dtype", "float32"]) == 0
+    loaded = qkv.load(dst)
+    assert loaded.embed.tokens.weight.dtype == torch.float32 and loaded.lm_head.scales.dtype == torch.float32
+    ids = torch.randint(0, 97, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert (logits(loaded, ids) - logits(hf_dir[0], ids)).abs().max() < 0.05  # int8: close to the dense model
+
+
+def test_quantize_with_to_hf_is_refused(hf_dir, tmp_path, capsys):
+    assert main(["convert", str(hf_dir[1]), str(tmp_path / "x"), "--to", "hf", "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--quantize int8 writes a qkv checkpoint" in err and "use --to qkv" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_checkpoint_converts_to_hf_dense(dense_qkv, tmp_path):
+    """A quantized SRC is dequantized on load, so --to hf works from it."""
+    assert main(["convert", str(dense_qkv), str(tmp_path / "q"), "--to", "qkv", "--quantize", "int8"]) == 0
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert (logits(back, ids) - logits(qkv.load(tmp_path / "q", dequantize=True), ids)).abs().max() <= TOL

@@ -76,3 +76,25 @@ def test_compile_refuses_padding():
 def test_compile_refuses_beam_search():
     with pytest.raises(ValueError, match="beam search"):
         tiny_model("tiny-gpt2").generate(torch.randint(0, 512, (1, 4)), max_new_tokens=3, num_beams=2, compile=True)
+
+
+def test_packed_quantized_model_compiles_by_default_and_equals_eager(monkeypatch, tmp_path):
+    """compile=None compiles a bfloat16 model with packed weights (cached under $QKV_HOME/compile),
+    and greedy decoding through the compiled step picks the eager tokens; padding and
+    QKV_COMPILE=0 decode eagerly."""
+    from qkv.generation import static_step
+    from qkv.nn.quant import quantize_model
+
+    monkeypatch.delenv("QKV_COMPILE", raising=False)
+    model = quantize_model(tiny_model("tiny-llama", d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), "int4")
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(4))
+    assert static_step.auto_compile(model)
+    assert not static_step.auto_compile(model, torch.tensor([[0, 1, 1, 1, 1, 1]]))
+    eager = model.generate(ids, max_new_tokens=12, compile=False)
+    assert model not in static_step._COMPILED
+    assert torch.equal(model.generate(ids, max_new_tokens=12), eager)
+    assert model in static_step._COMPILED  # the default took the compiled step
+    monkeypatch.setenv("QKV_COMPILE", "0")
+    assert not static_step.auto_compile(model)
+    assert not static_step.auto_compile(tiny_model("tiny-llama"))  # dense float32: eager

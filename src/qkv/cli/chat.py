@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from qkv.generation.text import stream_completion
     from qkv.loading import load
 
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"{args.model} carries no tokenizer; chat needs one")

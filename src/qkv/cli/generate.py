@@ -33,7 +33,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="S", help="stop string (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--compile", action="store_true", help="decode through a compiled static step (~30 s to compile)")
+    p.add_argument("--dequantize", action="store_true", help="load a GGUF file's weights dense (default: kept packed)")
+    p.add_argument("--quantize", choices=("int4", "int8"), default=None, help="quantize a dense model's linear layers")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a compiled static step (default: for packed quantized models; "
+                        "the first compile takes ~40 s and is cached under $QKV_HOME/compile)")  # fmt: skip
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compile applies to greedy and sampled decoding, not to --num-beams")
     if beams:
         config.check_supported("beam")  # refuse what beams cannot do before loading the model
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"{args.model} carries no tokenizer, so a text prompt cannot be encoded")

@@ -29,7 +29,7 @@ def generate(
     config: GenerationConfig | None = None,
     attention_mask: torch.Tensor | None = None,
     processors: list[LogitsProcessor] | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Generate after input_ids [B, T] -> [B * num_return_sequences, T + n] (for an encoder-decoder,
@@ -43,7 +43,9 @@ def generate(
     the new tokens must fit the model's context (`context_budget`). Left-padded batches pass
     attention_mask [B, T]; each row then equals generating it alone. `processors` replaces the
     logits processors the options would build. `compile=True` decodes through one compiled
-    static-shape step (no left padding; the first call of each shape compiles, ~30 s on 2 cores).
+    static-shape step (no left padding; the first call of each shape compiles, ~30 s on 2 cores,
+    cached on disk); None, the default, compiles packed quantized decoders (`auto_compile`) and
+    decodes everything else eagerly, as beam search and left-padded batches always do.
     """
     config = GenerationConfig.build(config, max_new_tokens=max_new_tokens, **options)
     if config.wants_logprobs:

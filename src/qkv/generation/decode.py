@@ -18,7 +18,7 @@ from qkv.errors import UsageError
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
-from qkv.generation.static_step import StaticStep
+from qkv.generation.static_step import StaticStep, auto_compile
 from qkv.generation.stopping import StopStrings
 
 
@@ -155,7 +155,7 @@ def decode_steps(
     attention_mask: torch.Tensor | None = None,
     processors: list[LogitsProcessor] | None = None,
     stop: StopStrings | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position (at most n_new), stopping when every row finished.
 
@@ -163,13 +163,16 @@ def decode_steps(
     Finished rows keep receiving the pad id (config.pad_token_id, else the first EOS id, else 0).
     `stop` ends a row once its generated text contains a stop string (the token that completed it
     is kept). The caller may stop iterating at any time; the cache is local to this iterator.
-    `compile=True` runs every step through one compiled static-shape graph (`StaticStep`).
+    `compile=True` runs every step through one compiled static-shape graph (`StaticStep`); None
+    (the default) does so where it pays, see `auto_compile` (packed quantized decoders).
     """
     B = input_ids.shape[0]
     device = input_ids.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     pad = pad_id(config, eos)
     static = None
+    if compile is None:
+        compile = auto_compile(model, attention_mask)
     if compile:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("compile=True does not support left-padded batches yet; pass compile=False")

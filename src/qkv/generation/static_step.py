@@ -2,13 +2,24 @@
 
 A static `KVCache` keeps every slot and is written at a position *tensor*, and the model's mask
 is built densely from that tensor, so every decode step has the same shapes and reads no
-Python-side position: inductor captures it once per model, batch size and cache size. Weights
-are frozen into the graph (so oneDNN prepacks them): for inference with fixed weights only.
+Python-side position: inductor captures it once per model, batch size and cache size.
+
+Compiling is automatic for models with packed quantized weights (`qkv.nn.quant`), where it is
+worth most: their eager step spends more time in per-op overhead than in the 4-bit matmuls
+(`auto_compile` says when). Compiled artifacts are cached on disk under `$QKV_HOME/compile`
+(inductor's FX graph and AOTAutograd caches), so only the first process on a machine pays the
+full compile; later processes re-trace the model and reuse them. Dense models compile only on
+request (`compile=True`), with inductor's freezing, which prepacks their weights for oneDNN.
 """
 
 from __future__ import annotations
 
-import functools
+import os
+import shutil
+import types
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -20,11 +31,50 @@ def static_logits(model: torch.nn.Module, input_ids: torch.Tensor, input_pos: to
     return model.decode(input_ids, cache, input_pos=input_pos)
 
 
-@functools.cache
-def _compiled_static_logits():
-    # One compiled function for every model: dynamo keeps a graph per model (guarded on the module),
-    # batch size and cache size. Created on first use so importing qkv never touches inductor.
-    return torch.compile(static_logits)
+def compile_cache_dir() -> Path:
+    """Where compiled steps are cached: `$QKV_HOME/compile` (or $TORCHINDUCTOR_CACHE_DIR if set)."""
+    from qkv.hub import qkv_home
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or qkv_home() / "compile")
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    from qkv.nn.quant import QuantLinear
+
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def auto_compile(model: torch.nn.Module, attention_mask: torch.Tensor | None = None) -> bool:
+    """Whether `compile=None` (the default) compiles: a decoder-only model with packed quantized
+    weights computing in bfloat16 on the CPU, an unpadded batch, a C++ compiler for inductor, and
+    $QKV_COMPILE not "0". Everything else (left padding, encoder-decoders, beam search) decodes eagerly."""
+    if os.environ.get("QKV_COMPILE", "1") == "0" or getattr(model, "is_encoder_decoder", False):
+        return False
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return False
+    if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        return False
+    return model.device.type == "cpu" and model.dtype == torch.bfloat16 and is_quantized(model)
+
+
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, Callable] = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: torch.nn.Module) -> Callable:
+    """`static_logits` compiled for `model` alone.
+
+    Each model gets its own copy of the function's code object, so dynamo's cache (kept per code
+    object) never serves one model's graph to another, and the guards on the model's own modules
+    and parameters can be skipped: they cost ~0.5 ms a step on SmolLM2. The model must not be
+    restructured after its first compiled step (weights may change in place).
+    """
+    fn = _COMPILED.get(model)
+    if fn is None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        own = types.FunctionType(static_logits.__code__.replace(), static_logits.__globals__, "static_logits")
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        fn = _COMPILED[model] = torch.compile(own, options=options)
+    return fn
 
 
 def static_cache_len(needed: int, limit: int | None) -> int:
@@ -40,6 +90,11 @@ class StaticStep:
     def __init__(self, model: torch.nn.Module, compile: bool = False) -> None:
         self.model = model
         self.compile = compile
+        self.freeze = compile and not is_quantized(model)  # packed weights are not frozen (see module doc)
+        if compile and not self.freeze:
+            from qkv.nn.quant import prepare_model
+
+            prepare_model(model)  # the graph reads each layer's packed form as it is
 
     def new_cache(self, batch_size: int, needed: int) -> KVCache:
         """A static cache with room for `needed` slots (rounded up, see `static_cache_len`)."""
@@ -49,7 +104,7 @@ class StaticStep:
         """Write the prompt [B, T] at slots 0..T-1 (eagerly: one shape per prompt length would
         otherwise compile a graph each); return the last position's logits [B, V]."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return static_logits(self.model, input_ids, positions, cache)[:, -1]
+        return self.model.decode(input_ids, cache, input_pos=positions, logits_to_keep=1)[:, -1]
 
     def step(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """Feed token [B] at slot `position`; return logits [B, V]."""
@@ -59,5 +114,5 @@ class StaticStep:
         import torch._inductor.config as inductor_config
 
         # Freezing is a global inductor setting; patch it only around our own graphs.
-        with inductor_config.patch(freezing=True):
-            return _compiled_static_logits()(self.model, token[:, None], input_pos, cache)[:, -1]
+        with inductor_config.patch(freezing=self.freeze):
+            return compiled_step(self.model)(self.model, token[:, None], input_pos, cache)[:, -1]

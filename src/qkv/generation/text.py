@@ -168,7 +168,7 @@ def stream_completion(
     config: GenerationConfig | None = None,
     *,
     add_special_tokens: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     **options: Any,
 ) -> Iterator[str | Completion]:
     """Yield text pieces as they become safe to show, then, last, the `Completion`.
@@ -266,7 +266,7 @@ def complete(
     config: GenerationConfig | None = None,
     *,
     add_special_tokens: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     **options: Any,
 ) -> Completion:
     """Generate a completion for one prompt (options as `stream_completion`; beam search too)."""

@@ -91,6 +91,8 @@ class StaticStep:
         self.model = model
         self.compile = compile
         self.freeze = compile and not is_quantized(model)  # packed weights are not frozen (see module doc)
+        if compile:  # before anything imports inductor, which settles its cache directory once
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
         if compile and not self.freeze:
             from qkv.nn.quant import prepare_model
 

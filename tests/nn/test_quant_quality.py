@@ -40,10 +40,12 @@ def measured(name: str, model: torch.nn.Module, ids: list[int]) -> float:
 
 
 # Measured with the schemes as they stand (int4: groups of 32 everywhere; int8: per channel): the
-# head, which shares the Q8_0 embeddings, carries the loss. int4 +5.8% (the body alone +0.03%),
-# int8 +0.54% (the head alone +0.24%). With the head in group-wise int8 (groups of 32, Q8_0's own
-# grid) both are -0.03%. Strict: once `quantize_model` keeps the bar, drop the marks.
-SHORTFALL = pytest.mark.xfail(strict=True, reason="the tied head quantized per channel / to int4 misses the bar")
+# head, which shares the Q8_0 embeddings, carries the loss. int4 +5.8% over 4 windows, +5.1% over
+# 16 (the body alone +0.03%): strict, it fails. int8 +0.54% over 4 windows (the head alone +0.24%)
+# but +0.10% over 16: at the bar's edge, so not strict. With the head in group-wise int8 (groups
+# of 32, Q8_0's own grid) both measure -0.03% over 4 windows. Once `quantize_model` does that, drop the marks.
+HEAD_INT4 = pytest.mark.xfail(strict=True, reason="int4 quantizes the tied head too: +5.8% over 4 windows")
+INT8_EDGE = pytest.mark.xfail(strict=False, reason="int8 per channel: +0.54% over 4 windows, +0.10% over 16")
 
 
 @pytest.mark.parametrize(
@@ -51,7 +53,7 @@ SHORTFALL = pytest.mark.xfail(strict=True, reason="the tied head quantized per c
     [4, pytest.param(16, marks=pytest.mark.slow)],
     ids=["4x512", "16x512"],
 )
-@pytest.mark.parametrize("scheme", [pytest.param("int8", marks=SHORTFALL), pytest.param("int4", marks=SHORTFALL)])
+@pytest.mark.parametrize("scheme", [pytest.param("int8", marks=INT8_EDGE), pytest.param("int4", marks=HEAD_INT4)])
 def test_quantized_perplexity_stays_within_the_bar(dense, ids, scheme, windows):
     tokens = ids[: windows * WINDOW]
     reference = measured("bfloat16", dense, tokens)

@@ -92,6 +92,9 @@ def load(
     if quantize is not None:
         quantize_model(model, quantize)
         model.to(dtype or torch.bfloat16)
+        for module in model.modules():  # the cast rounded RoPE frequencies and the like: recompute them
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers(model.device)
     prepare_model(model)
     trim()
     return model

@@ -118,6 +118,9 @@ def test_quantize_model_replaces_every_linear_and_stays_close(scheme):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and not any(type(m) is Linear for m in model.modules())
     assert model.embed.tokens.weight.dtype == torch.float32  # the embedding lookup stays dense
+    assert (model.lm_head.bits, model.lm_head.group_size) == (8, 32)  # the head: int8 in groups, either scheme
+    body = model.blocks[0].mlp.down
+    assert (body.bits, body.group_size) == ((8, None) if scheme == "int8" else (4, 32))
     rel = (after - before).norm() / before.norm()
     assert rel < (0.02 if scheme == "int8" else 0.2), rel
     with torch.no_grad():

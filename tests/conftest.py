@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qkv.threads
 from local_index import LocalIndex, make_local_index
 from oracle import HF_CONFIGS, make_hf_model, qkv_from_hf
 
 # What torch would use without the `one_thread` fixture: the machine's cores, or OMP_NUM_THREADS.
 DEFAULT_THREADS = torch.get_num_threads()
+qkv.threads._DONE = True  # `qkv.load` must not change the thread count under the fixtures below
 
 
 @pytest.fixture(autouse=True)

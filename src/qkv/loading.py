@@ -59,8 +59,10 @@ def load(
     """
     from qkv.memory import keep_large_blocks_mapped, trim
     from qkv.nn.quant import QUANT_SCHEMES, dequantize_model, prepare_model, quantize_model, quantized_modules
+    from qkv.threads import use_default_threads
 
     keep_large_blocks_mapped()
+    use_default_threads()
     dtype = resolve_dtype(dtype)
     if quantize is not None and quantize not in QUANT_SCHEMES:
         raise UsageError(

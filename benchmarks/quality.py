@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,9 +42,10 @@ def main() -> int:
     import torch
 
     import qkv
-    from qkv.bench import check_peer_python, gguf_file, physical_cores
+    from qkv.bench import check_peer_python, gguf_file
     from qkv.evaluation import heldout_text, perplexity, print_progress
     from qkv.hub import pull
+    from qkv.threads import physical_cores
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-python", default=DEFAULT_PEER, help=f"interpreter with llama_cpp (default {DEFAULT_PEER})")
@@ -52,6 +54,7 @@ def main() -> int:
     args = p.parse_args()
     check_peer_python(args.peer_python)
     threads = args.threads or physical_cores()
+    os.environ["QKV_THREADS"] = str(threads)  # what qkv.load sets torch's threads to
     torch.set_num_threads(threads)
     path = gguf_file(pull("smollm2-135m-instruct"))
     tok = qkv.load_tokenizer(path)

@@ -25,6 +25,12 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", CORPUS, 1024)
 
 
+@pytest.fixture
+def worker_env(monkeypatch):
+    """The worker sets QKV_THREADS for its process; in this one, monkeypatch puts it back."""
+    monkeypatch.setenv("QKV_THREADS", "1")
+
+
 def job(source: Path, kind: str, backend: str = "qkv", **extra) -> dict:
     prompt, prefill = bench_ids(source, 32)
     return {"source": str(source), "backend": backend, "prompt": prompt, "prefill": prefill, "threads": 1,
@@ -36,13 +42,13 @@ def job(source: Path, kind: str, backend: str = "qkv", **extra) -> dict:
     [("decode", {"decode_tok_s", "peak_rss_mb"}), ("prefill", {"prefill_tok_s"}), ("batch", {"batch_tok_s"}),
      ("start", {"at"})],
 )  # fmt: skip
-def test_worker_measures_each_kind(checkpoint, kind, keys):
+def test_worker_measures_each_kind(checkpoint, kind, keys, worker_env):
     out = _worker(job(checkpoint, kind))
     assert set(out) == keys | {"load_s"}
     assert all(v > 0 for v in out.values())
 
 
-def test_worker_measures_transformers_on_the_exported_weights(checkpoint, tmp_path):
+def test_worker_measures_transformers_on_the_exported_weights(checkpoint, tmp_path, worker_env):
     from qkv.checkpoints.hf import export_hf
     from qkv.loading import load
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from qkv.errors import UsageError
+from qkv.threads import physical_cores
 
 RUNNER = Path(__file__).parent / "peers" / "llama_cpp_runner.py"
 INSTALL_PEER = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'
@@ -143,17 +144,6 @@ def _number(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads not counted), from Linux sysfs; os.cpu_count() elsewhere."""
-    cores = set()
-    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
-        try:
-            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
-        except OSError:
-            continue
-    return len(cores) or os.cpu_count() or 1
 
 
 def bench_ids(source: str | os.PathLike, prefill_tokens: int) -> tuple[list[int], list[int]]:
@@ -366,6 +356,7 @@ def _worker(job: dict[str, Any]) -> dict[str, float]:
 
     import torch
 
+    os.environ["QKV_THREADS"] = str(job["threads"])  # what qkv.load sets torch's threads to
     torch.set_num_threads(job["threads"])
     start = time.perf_counter()
     _, generate, prefill = _load(job)

@@ -2,7 +2,8 @@
 
     python benchmarks/generate.py [--dtype bfloat16|float32] [--new-tokens 128] [--batch 16] [--repeats 2]
 
-qkv loads SmolLM2-135M-Instruct from its GGUF file (dequantized to `--dtype`) and exports the very
+qkv loads SmolLM2-135M-Instruct from its GGUF file (dequantized to `--dtype`: dense against dense;
+benchmarks/cpu_speed.py measures the packed 4-bit path against llama.cpp) and exports the very
 same weights as a Hugging Face directory, which `transformers` loads as a plain LlamaForCausalLM
 in the same dtype (its GGUF path would keep the weights packed and compute differently). Both
 generate greedily with EOS disabled so both produce exactly `--new-tokens` tokens, and are timed
@@ -49,9 +50,9 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     path = Path(pull("smollm2-135m-instruct"))
     print(f"loading SmolLM2-135M-Instruct ({args.dtype}) in qkv and transformers ...", flush=True)
-    ours = qkv.load(path, dtype=args.dtype)
+    ours = qkv.load(path, dtype=args.dtype, dequantize=True)  # dense, as transformers gets it
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(qkv.load(path), Path(tmp) / "hf")
+        export_hf(qkv.load(path, dequantize=True), Path(tmp) / "hf")
         theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).eval()
     tok = ours.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "Write a short story about a robot."}])

@@ -1,6 +1,7 @@
 """Load time: SmolLM2-135M-Instruct's GGUF file (Q4_1) -> a ready float32 model with its tokenizer.
 
-qkv:           qkv.load(path)                       (model.tokenizer comes with it)
+qkv:           qkv.load(path, dequantize=True)      (model.tokenizer comes with it; the packed
+               default is timed by benchmarks/cpu_speed.py)
 transformers:  AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=float32)
                + AutoTokenizer.from_pretrained(dir, gguf_file=name)
 
@@ -38,7 +39,7 @@ def worker(name: str, path: str, threads: int | None) -> dict:
         import qkv
 
         imported = time.perf_counter()
-        model = qkv.load(path)
+        model = qkv.load(path, dequantize=True)  # dense float32, as transformers loads it
         assert model.tokenizer is not None
     else:
         from pathlib import Path

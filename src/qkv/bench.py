@@ -237,6 +237,7 @@ def measure(
         r = _run_worker(job | {"kind": "start"}, env)
         out[key] = r["at"] - r["launched"]
         loads.append(r["load_s"])
+        progress(f"{backend}:   {key} {out[key]:.2f}")
     steps = (
         ("decode", {"new_tokens": config.new_tokens}, f"decode b1, {config.new_tokens} tokens"),
         ("prefill", {"prefill": prefill}, f"prefill {len(prefill)} tokens"),
@@ -273,6 +274,9 @@ def measure_peer(
     if proc.returncode != 0:
         raise RuntimeError(f"the llama.cpp runner failed (exit {proc.returncode}): {proc.stderr.strip()[-3000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
+    progress(
+        "llama.cpp:   " + ", ".join(f"{k} {r[k]:.2f}" for k in ("load_s", "decode_tok_s", "prefill_tok_s", "maxrss_mb"))
+    )
     numbers = dict.fromkeys(dict(METRICS)) | {  # None where the runner has no such measurement
         "decode_tok_s": r["decode_tok_s"],
         "prefill_tok_s": r["prefill_tok_s"],

@@ -166,3 +166,25 @@ def test_shapes_the_kernel_refuses_take_the_dense_path():
     y = layer(x.bfloat16())
     assert layer._kernel == ("dense",) and not layer._released
     torch.testing.assert_close(y.double(), reference(layer, x.bfloat16().float()), atol=0.05, rtol=0.02)
+
+
+def test_many_row_bfloat16_forward_dequantizes_from_the_packed_form_like_dequantize():
+    torch.manual_seed(5)
+    layer = QuantLinear.from_linear(torch.nn.Linear(96, 128, bias=True), 4, 32)
+    layer(torch.randn(1, 96).bfloat16())  # builds the packed form, releases the stored one
+    assert layer._released
+    x = torch.randn(40, 96).bfloat16()
+    fast = layer._dense_weight(torch.bfloat16)
+    slow = layer.dequantize(torch.bfloat16)
+    assert fast.shape == slow.shape
+    assert (fast.float() - slow.float()).abs().max() <= 2**-6 * slow.float().abs().max()
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, fast, layer.bias.bfloat16()))
+
+
+def test_direct_packing_equals_torchs_converter():
+    """qkv writes torch's int4 CPU layout itself (the converter's int32 round trip is the slow part
+    of loading); it must be byte for byte what torch's converter writes."""
+    q = torch.randint(0, 16, (192, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    assert quant._int4_layout_ok()
+    assert torch.equal(quant._int4pack(q), quant._int4pack_torch(q))
+    assert torch.equal(quant._int4unpack(quant._int4pack(q)), q)

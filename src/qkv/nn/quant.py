@@ -74,8 +74,21 @@ _BLOCK_N = 64  # rows per block of torch's CPU int4 layout (aten/src/ATen/native
 
 
 def _int4pack(q: torch.Tensor) -> torch.Tensor:
-    """Values [N, K] in [0, 15] -> torch's packed CPU int4 layout, converted a block of rows at a
-    time (the converter wants int32: a whole large matrix would need 4 bytes a weight at once)."""
+    """Values [N, K] in [0, 15] -> torch's packed CPU int4 layout.
+
+    Where `_int4_layout_ok` has confirmed the layout `_int4unpack` reads, it is written directly
+    (three byte-wide passes); otherwise torch's converter runs a block of rows at a time (it wants
+    int32: a whole large matrix would need 4 bytes a weight at once).
+    """
+    N, K = q.shape
+    if N % _BLOCK_N == 0 and _int4_layout_ok():
+        blocks = q.to(torch.uint8).view(N // _BLOCK_N, _BLOCK_N, K)
+        half = _BLOCK_N // 2
+        return (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2).reshape(N, K // 2)
+    return _int4pack_torch(q)
+
+
+def _int4pack_torch(q: torch.Tensor) -> torch.Tensor:
     N = q.shape[0]
     step = 4096 if N % _BLOCK_N == 0 else N
     return torch.cat([torch._convert_weight_to_int4pack_for_cpu(q[i : i + step].to(torch.int32), 1)
@@ -95,7 +108,7 @@ def _int4_layout_ok() -> bool:
     """Whether this torch's packed layout is the one `_int4unpack` reads (checked once, on random values)."""
     q = torch.randint(0, 16, (2 * _BLOCK_N, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     try:
-        return torch.equal(_int4unpack(_int4pack(q)), q)
+        return torch.equal(_int4unpack(_int4pack_torch(q)), q)
     except RuntimeError:
         return False
 
@@ -271,6 +284,26 @@ class QuantLinear(nn.Module):
         scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
         return ("int4", _int4pack(q), group, scales_and_zeros, self.bits == 8)
 
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight for a many-row forward. From the int4 kernel layout in bfloat16 it is
+        built as blocks of W^T (the kernel's own order: contiguous conversions, no transposing
+        reads), scaled in place, then laid out as one [N, K] view of a [K, N] tensor."""
+        kernel = self._kernel
+        if not (self._released and dtype == self._kernel_dtype and kernel[0] == "int4" and not kernel[4]):
+            return self.dequantize(dtype)
+        _, packed, group, scales_and_zeros, _ = kernel
+        N, K = self.out_features, self.in_features
+        nb, half = N // _BLOCK_N, _BLOCK_N // 2
+        blocks = packed.view(nb, K, half)
+        wt = torch.empty(nb, K, _BLOCK_N, dtype=dtype)  # wt[b, k, j] = W[b * 64 + j, k]
+        wt[..., :half] = blocks & 15
+        wt[..., half:] = blocks >> 4
+        scale, zero = scales_and_zeros.unbind(-1)  # [K / group, N] each, in `dtype`
+        scale, zero = scale.view(-1, nb, _BLOCK_N).transpose(0, 1), zero.view(-1, nb, _BLOCK_N).transpose(0, 1)
+        g = wt.view(nb, K // group, group, _BLOCK_N)
+        g.mul_(scale[:, :, None]).add_((zero - 8 * scale)[:, :, None])
+        return wt.transpose(0, 1).reshape(K, N).t()
+
     def _values_from_kernel(self) -> torch.Tensor:
         _, packed, group, _, doubled = self._kernel
         N, K = self.out_features, self.in_features
@@ -300,7 +333,8 @@ class QuantLinear(nn.Module):
         else:
             kernel = None
         if kernel is None or kernel[0] == "dense":
-            return F.linear(x, self.dequantize(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.linear(x, self._dense_weight(x.dtype), bias)
         x2 = x.reshape(rows, self.in_features)
         if kernel[0] == "int8":
             y = torch._weight_int8pack_mm(x2, kernel[1], kernel[2])

@@ -84,7 +84,7 @@ def _int4pack(q: torch.Tensor) -> torch.Tensor:
     if N % _BLOCK_N == 0 and _int4_layout_ok():
         blocks = q.to(torch.uint8).view(N // _BLOCK_N, _BLOCK_N, K)
         half = _BLOCK_N // 2
-        return (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2).reshape(N, K // 2)
+        return (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
     return _int4pack_torch(q)
 
 

@@ -285,9 +285,10 @@ class QuantLinear(nn.Module):
         return ("int4", _int4pack(q), group, scales_and_zeros, self.bits == 8)
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight for a many-row forward. From the int4 kernel layout in bfloat16 it is
-        built as blocks of W^T (the kernel's own order: contiguous conversions, no transposing
-        reads), scaled in place, then laid out as one [N, K] view of a [K, N] tensor."""
+        """The dense weight for a many-row forward, equal to `dequantize(dtype)`. From the int4
+        kernel layout in bfloat16 it is built as blocks of W^T (the kernel's own order: contiguous
+        conversions, no transposing reads), scaled in place, then laid out as one [N, K] view of a
+        [K, N] tensor."""
         kernel = self._kernel
         if not (self._released and dtype == self._kernel_dtype and kernel[0] == "int4" and not kernel[4]):
             return self.dequantize(dtype)
@@ -301,7 +302,7 @@ class QuantLinear(nn.Module):
         scale, zero = scales_and_zeros.unbind(-1)  # [K / group, N] each, in `dtype`
         scale, zero = scale.view(-1, nb, _BLOCK_N).transpose(0, 1), zero.view(-1, nb, _BLOCK_N).transpose(0, 1)
         g = wt.view(nb, K // group, group, _BLOCK_N)
-        g.mul_(scale[:, :, None]).add_((zero - 8 * scale)[:, :, None])
+        g.sub_(8).mul_(scale[:, :, None]).add_(zero[:, :, None])  # `dequantize`'s arithmetic, bit for bit
         return wt.transpose(0, 1).reshape(K, N).t()
 
     def _values_from_kernel(self) -> torch.Tensor:

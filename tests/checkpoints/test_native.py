@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import qkv
+from checkpoint_edits import edit_config, edit_weights
 from qkv.checkpoints import native
 from qkv.checkpoints.native import load_native, load_training_state, save_native
 from qkv.errors import CheckpointError
@@ -159,19 +159,6 @@ def test_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path):
 
 
 # -- bad input -----------------------------------------------------------------------------------
-def edit_config(path, change):
-    data = json.loads((path / "config.json").read_text())
-    change(data)
-    (path / "config.json").write_text(json.dumps(data))
-
-
-def edit_weights(path, change):
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    change(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
-
-
 BAD = {
     "no config": (lambda p: (p / "config.json").unlink(), r"config.json is missing"),
     "not json": (lambda p: (p / "config.json").write_text("{oops"), r"config.json is not valid JSON"),

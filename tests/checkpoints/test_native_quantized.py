@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import qkv
+from checkpoint_edits import edit_config, edit_weights
 from qkv.checkpoints.hf import export_hf
 from qkv.checkpoints.native import load_native, save_native
 from qkv.errors import CheckpointError, UsageError
@@ -102,16 +102,7 @@ def test_export_hf_of_a_quantized_model_says_to_dequantize(saved, tmp_path):
 
 # -- hostile edits ---------------------------------------------------------------------------------
 def edit_layout(path, change):
-    data = json.loads((path / "config.json").read_text())
-    change(data["quantization"])
-    (path / "config.json").write_text(json.dumps(data))
-
-
-def edit_weights(path, change):
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    change(tensors)
-    save_file(tensors, str(path / "model.safetensors"))
+    edit_config(path, lambda data: change(data["quantization"]))
 
 
 def retype(name, dtype):

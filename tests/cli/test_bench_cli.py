@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from cli_run import qkv
 from qkv.bench import METRICS
-from qkv.cli.main import main
 from tiny_checkpoint import save_tiny_checkpoint
 
 CORPUS = ["The quick brown fox jumps over the lazy dog."] * 20
@@ -21,15 +21,6 @@ ROWS = ["decode b1", "prefill 512", "batch 16", "load", "peak RSS", "first start
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("bench") / "tiny", CORPUS, 1024)
-
-
-def qkv(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_table_has_every_row_with_a_positive_number(checkpoint, capsys):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from qkv.cli.main import main
+from cli_run import qkv
 from qkv.generation.text import complete
 from qkv.loading import load
 from tiny_checkpoint import save_tiny_checkpoint
@@ -32,16 +32,6 @@ def library(checkpoint):
     """What the library makes of the same checkpoint: (model, tokenizer, greedy Completion)."""
     model = load(checkpoint)
     return model, model.tokenizer, complete(model, model.tokenizer, PROMPT, max_new_tokens=12)
-
-
-def qkv(capsys, *argv) -> tuple[int, str, str]:
-    """Run `qkv ARGV` in-process -> (exit code, stdout, stderr); argparse's exits included."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_greedy_equals_complete(checkpoint, library, capsys):

@@ -22,19 +22,11 @@ from pathlib import Path
 import torch
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> int:
     import transformers
 
     import qkv
+    from qkv.bench import best_time
     from qkv.checkpoints.hf import export_hf
     from qkv.hub import pull
 
@@ -86,9 +78,9 @@ def main() -> int:
         print(f"timing {label} ...", flush=True)
         t_q = t_c = t_h = float("inf")
         for _ in range(args.repeats):  # alternate so load spikes hit all three
-            t_q = min(t_q, best_time(lambda b=batch_ids: run_qkv(b), 1))
-            t_c = min(t_c, best_time(lambda b=batch_ids: run_qkv(b, compile=True), 1))
-            t_h = min(t_h, best_time(lambda b=batch_ids: run_hf(b), 1))
+            t_q = min(t_q, best_time(lambda b=batch_ids: run_qkv(b), 1, warm_up=False))
+            t_c = min(t_c, best_time(lambda b=batch_ids: run_qkv(b, compile=True), 1, warm_up=False))
+            t_h = min(t_h, best_time(lambda b=batch_ids: run_hf(b), 1, warm_up=False))
         rows.append((label, batch * n / t_q, batch * n / t_c, batch * n / t_h))
     print(f"\n{'':24} {'qkv tok/s':>10} {'compiled':>10} {'HF tok/s':>10} {'qkv/HF':>8} {'compiled/HF':>12}")
     for label, q, c, h in rows:

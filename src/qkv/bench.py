@@ -315,8 +315,10 @@ def run_bench(
 # ---- the worker: one measurement in this fresh process ------------------------------------------
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and compiling, where the path compiles)
+def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call unless warm_up=False."""
+    if warm_up:
+        fn()  # warm-up (and compiling, where the path compiles)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -373,16 +375,16 @@ def _worker(job: dict[str, Any]) -> dict[str, float]:
             out["at"] = time.time()
         elif job["kind"] == "decode":
             n = job["new_tokens"]
-            t_n, t_1 = _best(lambda: generate(prompt, n), repeats), _best(lambda: generate(prompt, 1), repeats)
+            t_n, t_1 = best_time(lambda: generate(prompt, n), repeats), best_time(lambda: generate(prompt, 1), repeats)
             out["decode_tok_s"] = (n - 1) / (t_n - t_1) if t_n > t_1 else math.inf
             out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         elif job["kind"] == "prefill":
             ids = torch.tensor([job["prefill"]])
-            out["prefill_tok_s"] = ids.shape[1] / _best(lambda: prefill(ids), repeats)
+            out["prefill_tok_s"] = ids.shape[1] / best_time(lambda: prefill(ids), repeats)
         elif job["kind"] == "batch":
             ids = prompt.expand(job["batch_size"], -1).contiguous()
             n = job["new_tokens"]
-            out["batch_tok_s"] = ids.shape[0] * n / _best(lambda: generate(ids, n), repeats)
+            out["batch_tok_s"] = ids.shape[0] * n / best_time(lambda: generate(ids, n), repeats)
     return out
 
 

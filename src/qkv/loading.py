@@ -57,7 +57,7 @@ def load(
     (per channel) quantizes every dense linear layer after loading (`qkv.nn.quant.quantize_model`);
     the model then computes in bfloat16 unless `dtype` says otherwise.
     """
-    from qkv.memory import keep_large_blocks_mapped, trim
+    from qkv.memory import keep_large_blocks_mapped, reuse_large_blocks, trim
     from qkv.nn.quant import QUANT_SCHEMES, dequantize_model, prepare_model, quantize_model, quantized_modules
     from qkv.threads import use_default_threads
 
@@ -99,4 +99,5 @@ def load(
                 module.reset_buffers(model.device)
     prepare_model(model)
     trim()
+    reuse_large_blocks()
     return model

@@ -82,9 +82,12 @@ def _int4pack(q: torch.Tensor) -> torch.Tensor:
     """
     N, K = q.shape
     if N % _BLOCK_N == 0 and _int4_layout_ok():
-        blocks = q.to(torch.uint8).view(N // _BLOCK_N, _BLOCK_N, K)
-        half = _BLOCK_N // 2
-        return (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+        out = torch.empty(N // _BLOCK_N, K, _BLOCK_N // 2, dtype=torch.uint8)
+        half, step = _BLOCK_N // 2, 64  # blocks at a time: bounded temporaries for a large head
+        for i in range(0, N // _BLOCK_N, step):
+            blocks = q[i * _BLOCK_N : (i + step) * _BLOCK_N].to(torch.uint8).view(-1, _BLOCK_N, K)
+            out[i : i + step] = (blocks[:, :half] | (blocks[:, half:] << 4)).transpose(1, 2)
+        return out.view(N, K // 2)
     return _int4pack_torch(q)
 
 

@@ -53,7 +53,9 @@ QUANT_SCHEMES: dict[str, tuple[int, int | None]] = {"int4": (4, 32), "int8": (8,
 HEAD_SCHEME: tuple[int, int | None] = (8, 32)
 HEAD_NAMES = ("lm_head",)
 
-# Rows at which the dequantize + dense matmul path beats the packed kernels (benchmarks/quantized.py).
+# Rows from which a forward dequantizes the layer for the dense matmul instead of using the packed
+# kernels. A rough choice, not a tuned one: the int4 kernel works a row at a time (at 16 rows it is
+# 2x slower than a packed bf16 matmul), while dequantizing costs a pass over the whole layer per call.
 DENSE_ROWS = int(os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
 _INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 _INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")

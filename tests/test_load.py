@@ -45,3 +45,22 @@ def test_bad_arguments(checkpoint):
         load(checkpoint[1], dtype="float8")
     with pytest.raises(ValueError, match="quantize"):
         load(checkpoint[1], quantize="int3")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_keeps_rope_frequencies_in_float32(checkpoint, scheme):
+    """quantize= casts to bfloat16 afterwards; the RoPE frequencies are recomputed, not rounded."""
+    from qkv.nn.position import rope_inv_freq
+    from qkv.nn.quant import QuantLinear
+
+    model = load(checkpoint[1], quantize=scheme)
+    assert isinstance(model.blocks[0].mlp.up, QuantLinear) and model.dtype == torch.bfloat16
+    assert torch.equal(model.rope.inv_freq, rope_inv_freq(model.config)[0])
+
+
+def test_a_failed_load_leaves_the_allocator_as_after_a_load(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("qkv.memory.reuse_large_blocks", lambda: calls.append("reuse"))
+    with pytest.raises(CheckpointError):
+        load(tmp_path / "nothing")
+    assert calls == ["reuse"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from qkv.checkpoints.gguf import is_gguf_file, load_gguf
 from qkv.checkpoints.hf import is_hf_dir, load_hf
-from qkv.checkpoints.materialize import resolve_dtype
+from qkv.checkpoints.materialize import cast_model, resolve_dtype
 from qkv.checkpoints.native import is_native_checkpoint, load_native
 from qkv.errors import CheckpointError, UsageError
 
@@ -58,12 +58,21 @@ def load(
     the model then computes in bfloat16 unless `dtype` says otherwise.
     """
     from qkv.memory import keep_large_blocks_mapped, reuse_large_blocks, trim
+
+    keep_large_blocks_mapped()
+    try:
+        model = _load(source, resolve_dtype(dtype), quantize, dequantize)
+    finally:  # also after a failed load: the pinned threshold would slow everything after it
+        trim()
+        reuse_large_blocks()
+    return model
+
+
+def _load(source: str | os.PathLike, dtype: torch.dtype | None, quantize: str | None, dequantize: bool) -> nn.Module:
     from qkv.nn.quant import QUANT_SCHEMES, dequantize_model, prepare_model, quantize_model, quantized_modules
     from qkv.threads import use_default_threads
 
-    keep_large_blocks_mapped()
     use_default_threads()
-    dtype = resolve_dtype(dtype)
     if quantize is not None and quantize not in QUANT_SCHEMES:
         raise UsageError(
             f"quantize={quantize!r} is not a quantization qkv knows; choose one of {', '.join(QUANT_SCHEMES)}"
@@ -90,14 +99,7 @@ def load(
     else:
         model = fmt.load(path, None if quantize else dtype)
         if dequantize and quantized_modules(model):
-            dequantize_model(model, dtype or torch.float32).to(dtype or torch.float32)
+            cast_model(dequantize_model(model, dtype or torch.float32), dtype or torch.float32)
     if quantize is not None:
-        quantize_model(model, quantize)
-        model.to(dtype or torch.bfloat16)
-        for module in model.modules():  # the cast rounded RoPE frequencies and the like: recompute them
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers(model.device)
-    prepare_model(model)
-    trim()
-    reuse_large_blocks()
-    return model
+        cast_model(quantize_model(model, quantize), dtype or torch.bfloat16)
+    return prepare_model(model)

@@ -113,9 +113,20 @@ def materialize(
     for alias, source in aliases.items():  # assign=True replaced the shared parameter: share it again
         owner, _, name = alias.rpartition(".")
         setattr(model.get_submodule(owner), name, model.get_parameter(source))
-    device = next(iter(state.values())).device if state else torch.device("cpu")
+    reset_buffers(model, next(iter(state.values())).device if state else torch.device("cpu"))
+    return model.eval()
+
+
+def reset_buffers(model: nn.Module, device: torch.device | str | None = None) -> nn.Module:
+    """Recompute every module's non-persistent buffers (RoPE frequencies, sinusoid tables, ALiBi
+    slopes) on `device`: after building on the meta device, or after a cast that rounded them."""
     for module in model.modules():
         reset = getattr(module, "reset_buffers", None)
         if reset is not None:
             reset(device)
-    return model.eval()
+    return model
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` with its derived buffers recomputed in float32, as a load in `dtype` has them."""
+    return reset_buffers(model.to(dtype), next(model.parameters()).device)

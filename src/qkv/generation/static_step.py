@@ -38,6 +38,12 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or qkv_home() / "compile")
 
 
+def use_compile_cache_dir() -> None:
+    """Point inductor at `compile_cache_dir()`; it must run before inductor is first imported,
+    whose config import settles the directory once for the process."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     from qkv.nn.quant import QuantLinear
 
@@ -70,7 +76,7 @@ def compiled_step(model: torch.nn.Module) -> Callable:
     """
     fn = _COMPILED.get(model)
     if fn is None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        use_compile_cache_dir()
         own = types.FunctionType(static_logits.__code__.replace(), static_logits.__globals__, "static_logits")
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         fn = _COMPILED[model] = torch.compile(own, options=options)
@@ -91,8 +97,8 @@ class StaticStep:
         self.model = model
         self.compile = compile
         self.freeze = compile and not is_quantized(model)  # packed weights are not frozen (see module doc)
-        if compile:  # before anything imports inductor, which settles its cache directory once
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        if compile:
+            use_compile_cache_dir()
         if compile and not self.freeze:
             from qkv.nn.quant import prepare_model
 

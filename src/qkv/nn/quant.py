@@ -83,7 +83,7 @@ def _int4pack(q: torch.Tensor) -> torch.Tensor:
     int32: a whole large matrix would need 4 bytes a weight at once).
     """
     N, K = q.shape
-    if N % _BLOCK_N == 0 and _int4_layout_ok():
+    if _int4_layout_known(N):
         out = torch.empty(N // _BLOCK_N, K, _BLOCK_N // 2, dtype=torch.uint8)
         half, step = _BLOCK_N // 2, 64  # blocks at a time: bounded temporaries for a large head
         for i in range(0, N // _BLOCK_N, step):

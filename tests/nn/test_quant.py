@@ -189,3 +189,26 @@ def test_direct_packing_equals_torchs_converter():
         packed = quant._int4pack(q)
         assert packed.is_contiguous() and torch.equal(packed, quant._int4pack_torch(q))
         assert torch.equal(quant._int4unpack(packed), q)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group"), [(64, 96, 32), (192, 576, 32), (576, 1536, 32), (128, 256, 64), (64, 256, 128)]
+)
+def test_native_dense_weight_equals_the_torch_fallback_and_dequantize(n, k, group, monkeypatch):
+    """The C kernel (qkv/kernels/int4_dense.c) writes the many-row dense weight bit for bit as the
+    torch ops it replaces, and as `dequantize`, over several shapes and group sizes."""
+    from qkv import kernels
+
+    if kernels.library("int4_dense") is None:
+        pytest.skip(f"the native kernel is not built here: {kernels.unavailable('int4_dense')}")
+    torch.manual_seed(n + k + group)
+    layer = QuantLinear.from_linear(torch.nn.Linear(k, n), 4, group)
+    layer.prepare(torch.bfloat16)
+    assert layer._released
+    calls = []
+    native = quant._int4_dense_native
+    monkeypatch.setattr(quant, "_int4_dense_native", lambda *a: calls.append(1) or native(*a))
+    fast = layer._dense_weight(torch.bfloat16)
+    assert calls and torch.equal(fast, layer.dequantize(torch.bfloat16))
+    monkeypatch.setattr(quant, "_int4_dense_native", lambda *a: False)  # the torch path
+    assert torch.equal(layer._dense_weight(torch.bfloat16), fast)

@@ -129,3 +129,36 @@ def test_bad_utf8_in_a_string_array_names_the_key(tmp_path):
     (tmp_path / "t.gguf").write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"value of 'tokenizer\.ggml\.tokens' at byte \d+ is not valid UTF-8"):
         read_gguf(tmp_path / "t.gguf")
+
+
+@pytest.mark.parametrize("alignment", [None, 1], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_quantized_form_is_the_files_blocks(tmp_path, qtype, alignment):
+    """`quantized` gives the blocks' own values (Q4: two a byte, column 2j in the low nibble) and fp16
+    scales, with zero = m + 8d for Q4_1; into new tensors, and through a slice and a permuted view."""
+    from qkv.nn.quant import pack_nibbles
+
+    blocks = random_blocks(qtype, SHAPE, np.random.default_rng(3))
+    file = write(tmp_path / "t.gguf", {"pad": (random_blocks(Q.Q8_0, (1, 32), np.random.default_rng(4)), Q.Q8_0),
+                                       "w": (blocks, qtype)}, alignment=alignment)  # fmt: skip
+    raw = torch.from_numpy(blocks.copy()).view(SHAPE[0], -1, gguf.GGML_QUANT_SIZES[qtype][1])
+    scale = raw[..., 0:2].contiguous().view(torch.float16).float()[..., 0]
+    if qtype == Q.Q8_0:
+        expected = {"qweight": raw[..., 2:].contiguous().view(torch.int8).reshape(SHAPE), "scales": scale}
+    else:
+        quants = raw[..., -16:]
+        values = torch.cat((quants & 15, quants >> 4), dim=-1).reshape(SHAPE)  # elements j, j + 16 in byte j
+        m = raw[..., 2:4].contiguous().view(torch.float16).float()[..., 0] if qtype == Q.Q4_1 else None
+        zeros = torch.zeros_like(scale) if m is None else m + 8 * scale
+        expected = {"qweight": pack_nibbles(values), "scales": scale, "zeros": zeros}
+    stored = file.quantized("w")
+    assert stored.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(stored[key], tensor), key
+    fused = {key: torch.full((SHAPE[0] + 3, *t.shape[1:]), 7, dtype=t.dtype) for key, t in expected.items()}
+    file.quantized("w", out={key: t[1 : 1 + SHAPE[0]].view(3, 2, 2, -1).transpose(1, 2) for key, t in fused.items()})
+    for key, tensor in expected.items():
+        rows = fused[key][1 : 1 + SHAPE[0]].view(3, 2, 2, -1).transpose(1, 2).reshape(tensor.shape)
+        assert torch.equal(rows, tensor) and (fused[key][0] == 7).all() and (fused[key][-2:] == 7).all(), key
+    with pytest.raises(ValueError, match="should be"):
+        file.quantized("w", out={key: t[:-1] for key, t in stored.items()})

@@ -39,7 +39,6 @@ from qkv.errors import CheckpointError
 from qkv.formats.gguf import PACKED_BITS, PACKED_GROUP, GGUFFile, TensorInfo, read_gguf
 from qkv.models import DecoderLM
 from qkv.nn.position import rope_inv_freq
-from qkv.nn.quant import pack_nibbles
 
 __all__ = [
     "GGUFFile",
@@ -327,14 +326,15 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
             bits = {PACKED_BITS.get(file.tensors[name].qtype) for name in sources}
             if not dequantize and target in linears and len(bits) == 1 and None not in bits:
                 module = linears[target]
-                state.update(_packed(file, module, sources, permuted, origin))
                 layout[module] = {"bits": bits.pop(), "group_size": PACKED_GROUP}
+                state.update(_packed(file, module, sources, layout[module]["bits"], permuted, origin))
             elif target != "lm_head.weight" or not cfg.tie_embeddings:
                 state[target] = _dense(file, sources, expected[target], dtype, permuted, origin)
             if target != "embed.tokens.weight" or dequantize or not cfg.tie_embeddings:  # read twice if tied
                 for name in sources:
                     file.release(name)
-    model = materialize(cfg, state, origin=origin, quantized=layout)
+    # fresh: `_packed` allocated the stored tensors, which nothing else holds
+    model = materialize(cfg, state, origin=origin, quantized=layout, meta=meta, fresh=True)
     model.tokenizer = _tokenizer(file)
     return model
 
@@ -364,22 +364,24 @@ def _dense(
 
 
 def _packed(
-    file: GGUFFile, module: str, sources: tuple[str, ...], permuted: dict, origin: str
+    file: GGUFFile, module: str, sources: tuple[str, ...], bits: int, permuted: dict, origin: str
 ) -> dict[str, torch.Tensor]:
-    """A `QuantLinear`'s stored tensors ({module}.qweight/scales/zeros) from the sources' blocks,
-    stacked along the rows and RoPE rows un-permuted (each row's groups move with it)."""
-    parts = []
+    """A `QuantLinear`'s stored tensors ({module}.qweight/scales/zeros), the sources' blocks written
+    straight into their rows (RoPE rows un-permuted: each row's groups move with it). Fresh
+    tensors: the model never points into the file's map."""
+    rows, K = sum(file.tensors[name].shape[0] for name in sources), file.tensors[sources[0]].shape[1]
+    qweight = torch.empty(rows, K // 2, dtype=torch.uint8) if bits == 4 else torch.empty(rows, K, dtype=torch.int8)
+    out = {"qweight": qweight, "scales": torch.empty(rows, K // PACKED_GROUP)}
+    if bits == 4:
+        out["zeros"] = torch.empty(rows, K // PACKED_GROUP)
+    row = 0
     for name in sources:
-        stored = file.quantized(name)
+        part = {key: tensor[row : row + file.tensors[name].shape[0]] for key, tensor in out.items()}
+        row += file.tensors[name].shape[0]
         if _kind(name) in permuted:
             try:
-                stored = {k: unpermute_rope_rows(v, permuted[_kind(name)]) for k, v in stored.items()}
+                part = {key: rope_rows_view(tensor, permuted[_kind(name)]) for key, tensor in part.items()}
             except ValueError as exc:
                 raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
-        parts.append(stored)
-    q = torch.cat([p["q"] for p in parts])  # a copy: the model never points into the file's map
-    out = {f"{module}.qweight": pack_nibbles(q) if q.dtype == torch.uint8 else q}
-    for key in ("scales", "zeros"):
-        if key in parts[0]:
-            out[f"{module}.{key}"] = torch.cat([p[key] for p in parts])
-    return out
+        file.quantized(name, out=part)
+    return {f"{module}.{key}": tensor for key, tensor in out.items()}

@@ -81,6 +81,8 @@ def materialize(
     dtype: torch.dtype | None = None,
     origin: str = "checkpoint",
     quantized: dict[str, dict] | None = None,
+    meta: nn.Module | None = None,
+    fresh: bool = False,
 ) -> nn.Module:
     """A model holding exactly `state` (qkv names), in `dtype` if given, ready for eval.
 
@@ -88,8 +90,11 @@ def materialize(
     linear layers become `QuantLinear`s before `state` is assigned, and their stored tensors
     (qweight, scales, zeros) keep their own dtypes whatever `dtype` says. A tied LM head that was
     quantized is its own module then, so it is not re-tied to the embeddings.
+    meta: `build_on_meta(cfg)`, when the caller has built it already (it becomes the model).
+    fresh: the quantized layers' tensors were allocated for this model (not views of a file or of
+    another model's tensors), so they are taken as they are rather than copied.
     """
-    model = build_on_meta(cfg)
+    model = build_on_meta(cfg) if meta is None else meta
     exact: set[str] = set()  # tensors `dtype` must not cast: a quantized layer's stored form
     if quantized:
         empty_quantized(model, quantized)
@@ -107,7 +112,8 @@ def materialize(
     # A fresh, 64-byte aligned copy of the stored form: a tensor memory-mapped from a file sits at
     # whatever offset the file gives it, and torch's int8 CPU kernel (`_weight_int8pack_mm`, bf16
     # activations) crashes on a misaligned weight.
-    state = {k: v.clone() if k in exact else v for k, v in state.items()}
+    if not fresh:
+        state = {k: v.clone() if k in exact else v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k not in aliases}
     model.load_state_dict(state, strict=False, assign=True)
     for alias, source in aliases.items():  # assign=True replaced the shared parameter: share it again

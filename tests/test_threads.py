@@ -31,3 +31,14 @@ def test_use_default_threads_honours_qkv_threads(monkeypatch):
         assert threads.use_default_threads() == threads.physical_cores()
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_thread_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    try:
+        with threads.one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    except RuntimeError:
+        pass
+    assert torch.get_num_threads() == before

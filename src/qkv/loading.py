@@ -57,20 +57,18 @@ def load(
     (per channel) quantizes every dense linear layer after loading (`qkv.nn.quant.quantize_model`);
     the model then computes in bfloat16 unless `dtype` says otherwise.
     """
-    from qkv.memory import keep_large_blocks_mapped, reuse_large_blocks, trim
+    from qkv.memory import reuse_large_blocks, trim
 
-    keep_large_blocks_mapped()
+    reuse_large_blocks()  # loading's temporaries are reused, not faulted in afresh; `trim` returns them
     try:
-        model = _load(source, resolve_dtype(dtype), quantize, dequantize)
-    finally:  # also after a failed load: the pinned threshold would slow everything after it
+        return _load(source, resolve_dtype(dtype), quantize, dequantize)
+    finally:
         trim()
-        reuse_large_blocks()
-    return model
 
 
 def _load(source: str | os.PathLike, dtype: torch.dtype | None, quantize: str | None, dequantize: bool) -> nn.Module:
     from qkv.nn.quant import QUANT_SCHEMES, dequantize_model, prepare_model, quantize_model, quantized_modules
-    from qkv.threads import use_default_threads
+    from qkv.threads import one_thread, use_default_threads
 
     use_default_threads()
     if quantize is not None and quantize not in QUANT_SCHEMES:
@@ -102,4 +100,5 @@ def _load(source: str | os.PathLike, dtype: torch.dtype | None, quantize: str | 
             cast_model(dequantize_model(model, dtype or torch.float32), dtype or torch.float32)
     if quantize is not None:
         cast_model(quantize_model(model, quantize), dtype or torch.bfloat16)
-    return prepare_model(model)
+    with one_thread():  # the packed kernels' layout: byte shuffling (see qkv.threads.one_thread)
+        return prepare_model(model)

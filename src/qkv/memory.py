@@ -1,13 +1,12 @@
 """Giving memory back to the OS on Linux/glibc, so that peak and resident sizes reflect the model.
 
-glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-loading's many transient tensors come from the heap and stay resident once freed: loading a
-135M-parameter GGUF left ~200 MB of freed memory in the process. So loading pins the threshold
-low (`keep_large_blocks_mapped`: large blocks come from mmap and go back on free) and `trim`s
-after. Running a model wants the opposite: a block that is mapped on every use is page-faulted
-on every use (a 512-token prompt through SmolLM2's packed layers ran 1.5x slower), so
-`reuse_large_blocks` then sets the threshold to glibc's own ceiling, where freed activations
-are reused. All are no-ops where glibc is absent.
+`qkv.load` sets glibc's mmap threshold to glibc's own ceiling (`reuse_large_blocks`, 32 MiB):
+below it a freed block stays in the heap and is reused, where a block of its own (mmap) would be
+returned on free and page-faulted in afresh on the next use. A 512-token prompt through SmolLM2's
+packed layers ran 1.5x slower with the threshold at 1 MiB, and loading that model 0.1 s slower
+(its temporaries faulted in again and again) and with a higher peak. After loading, `trim` gives
+the freed heap memory back: loading a 135M-parameter GGUF leaves ~200 MB of it. All are no-ops
+where glibc is absent.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ import ctypes.util
 import functools
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 1 << 20  # while loading, blocks of 1 MiB and more: mapped, and unmapped when freed
-REUSE_THRESHOLD = 32 << 20  # afterwards: glibc's own upper bound for its adaptive threshold
+REUSE_THRESHOLD = 32 << 20  # glibc's own upper bound for its adaptive threshold
 
 
 @functools.cache
@@ -31,13 +29,6 @@ def _libc() -> ctypes.CDLL | None:
     return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-def keep_large_blocks_mapped() -> None:
-    """Pin glibc's mmap threshold at MMAP_THRESHOLD (it stops adapting upward)."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def reuse_large_blocks() -> None:
     """Set glibc's mmap threshold to REUSE_THRESHOLD, and its trim threshold to twice that (as its
     adaptive mode does): blocks below it are reused from the heap, not returned and faulted in again."""
@@ -48,7 +39,7 @@ def reuse_large_blocks() -> None:
 
 
 def trim() -> None:
-    """Return the free memory at the top of glibc's heaps to the OS."""
+    """Return glibc's free heap memory to the OS (since glibc 2.8, free pages anywhere in its heaps)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -20,9 +20,7 @@ half-split layout to the interleaved pairs llama.cpp rotates; the loader writes 
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from qkv.errors import CheckpointError
 from qkv.formats.gguf import PACKED_BITS, PACKED_GROUP, GGUFFile, TensorInfo, read_gguf
 from qkv.models import DecoderLM
 from qkv.nn.position import rope_inv_freq
+from qkv.threads import one_thread
 
 __all__ = [
     "GGUFFile",
@@ -274,22 +273,6 @@ def _plan(file: GGUFFile, cfg: ModelConfig, expected: dict[str, tuple[int, ...]]
     raise CheckpointError(f"{file.path}: the tensors do not match the model's configuration")  # not reached
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch ops on the calling thread only, then restore torch's thread count.
-
-    Dequantizing is a thousand or so short, memory-bound ops: a second thread gains little on an
-    idle machine, and on a busy one every op waits for a worker the OS has descheduled (SmolLM2 on
-    2 cores with other work running: 0.3 s on one thread, 1.5 to 8 s on two).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, dequantize: bool = False) -> DecoderLM:
     """The model in the GGUF file at `path`, in eval mode.
 
@@ -321,7 +304,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
         plan["lm_head.weight"] = plan["embed.tokens.weight"]
     state: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
-    with _one_thread():
+    with one_thread():  # see qkv.threads.one_thread
         for target, sources in plan.items():
             bits = {PACKED_BITS.get(file.tensors[name].qtype) for name in sources}
             if not dequantize and target in linears and len(bits) == 1 and None not in bits:

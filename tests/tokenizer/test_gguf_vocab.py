@@ -211,3 +211,28 @@ def test_malformed_vocabulary(fields, message, tmp_path):
     with pytest.raises(TokenizerError, match=message) as info:
         load_tokenizer(path)
     assert str(path) in str(info.value)
+
+
+def _byte_level_fields(tokens, merges, types=None) -> dict:
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.token_type": types or [NORMAL] * len(tokens)}  # fmt: skip
+
+
+def test_byte_level_plain_text_tokens_are_respelled():
+    """A normal token stored as plain text ("c d") gets its byte-level spelling; a control token keeps its own."""
+    fields = _byte_level_fields(["a", "b", "ab", "c d", "<|x y|>"], ["a b"], [NORMAL] * 4 + [CONTROL])
+    tok = tokenizer_from_gguf_fields(fields)
+    assert [tok.token_to_id(t) for t in ("ab", "cĠd", "c d", "<|x y|>")] == [2, 3, None, 4]
+    assert tok.vocab_size == 5 and tok.encode("ab<|x y|>") == [2, 4]
+
+
+def test_byte_level_repeated_tokens_leave_a_gap():
+    tok = tokenizer_from_gguf_fields(_byte_level_fields(["a", "b", "a"], []))
+    assert tok.vocab_size == 3 and tok.token_to_id("a") == 2
+    with pytest.raises(TokenizerError, match="unused gap"):
+        tok.decode([0])
+
+
+def test_byte_level_merge_with_an_empty_part_is_refused_even_if_the_empty_token_exists():
+    with pytest.raises(TokenizerError, match=r"merges\[1\] is 'a ', expected 'left right'"):
+        tokenizer_from_gguf_fields(_byte_level_fields(["a", "", "b", "ab"], ["a b", "a "]))

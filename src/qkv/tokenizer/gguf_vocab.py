@@ -19,8 +19,11 @@ The checkpoint loader reuses :func:`tokenizer_from_gguf_fields` with the fields 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from qkv.tokenizer.tiktoken_format import ENCODINGS
 
 # gguf.TokenType
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+_OUTSIDE_ALPHABET = re.compile("[^" + "".join(map(re.escape, sorted(ALPHABET))) + "]")
 
 
 @dataclass(frozen=True)
@@ -158,33 +162,21 @@ def tokenizer_from_gguf_fields(fields: Mapping[str, Any], source: str = "GGUF me
     )
     if processor is not None:
         engine.post_processor = processor
+    # Without repeated tokens the engine's model holds the ids 0 .. len(tokens) - 1, and the
+    # special and user-defined tokens added above are among them.
+    gapless = engine.get_vocab_size(with_added_tokens=False) == len(tokens)
     return Tokenizer(
         engine,
         special_tokens=roles,
         chat_template=fields.get("tokenizer.chat_template", str),
         source_format="gguf",
+        gapless_size=len(tokens) if gapless else None,
     )
 
 
 def _byte_level_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> tuple[Engine, bool]:
-    merges = []
-    for i, merge in enumerate(fields.require("tokenizer.ggml.merges", list)):
-        parts = merge.split(" ") if isinstance(merge, str) else ()
-        if len(parts) != 2 or not all(parts):
-            raise TokenizerError(f"{fields.source}: tokenizer.ggml.merges[{i}] is {merge!r}, expected 'left right'")
-        merges.append((parts[0], parts[1]))
-    # Normal tokens are spelled in GPT-2's byte alphabet; a few converters store some as plain
-    # text, which is respelled (as transformers' GGUF loader does).
-    vocab = {
-        token if kind != NORMAL or set(token) <= ALPHABET else bytes_to_piece(token.encode("utf-8")): i
-        for i, (token, kind) in enumerate(zip(tokens, types))
-    }
-    for i, (left, right) in enumerate(merges):
-        if left not in vocab or right not in vocab or left + right not in vocab:
-            raise TokenizerError(
-                f"{fields.source}: tokenizer.ggml.merges[{i}] {left + ' ' + right!r} joins tokens "
-                "that are not in tokenizer.ggml.tokens"
-            )
+    merges = fields.require("tokenizer.ggml.merges", list)
+    vocab = _byte_level_vocab(tokens, types)
     pre = fields.get("tokenizer.ggml.pre", str) or "default"
     pre_tokenization = PRE_TOKENIZATIONS.get(pre)
     if pre_tokenization is None:
@@ -194,11 +186,56 @@ def _byte_level_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> tup
             stacklevel=3,
         )
         pre_tokenization = _GPT2
-    engine = Engine(BPE(vocab, merges, fuse_unk=False, ignore_merges=pre_tokenization.ignore_merges))
+    pairs = _split_merges(merges, vocab)
+    if pairs is None:  # a merge is wrong (or "" is a token): one at a time, to say which
+        _check_merges(fields, merges, vocab)
+        pairs = [tuple(merge.split(" ")) for merge in merges]
+    engine = Engine(BPE(vocab, pairs, fuse_unk=False, ignore_merges=pre_tokenization.ignore_merges))
     engine.pre_tokenizer = pre_tokenization.build()
     engine.decoder = decoders.ByteLevel()
     engine.post_processor = processors.ByteLevel(trim_offsets=False)
     return engine, pre_tokenization.add_bos
+
+
+def _split_merges(merges: list, vocab: Mapping[str, int]) -> list[tuple[str, str]] | None:
+    """Merges 'left right' as (left, right) pairs, checked all at once: each has two parts, and they
+    and their join are tokens. None if one is not; `_check_merges` then says which."""
+    try:
+        pairs = [tuple(merge.split(" ")) for merge in merges]
+    except (AttributeError, TypeError):  # not a string
+        return None
+    tokens = vocab.keys()
+    if set(map(len, pairs)) != {2} or "" in tokens:  # "": an empty part would pass the membership checks
+        return None
+    parts, joins = set(itertools.chain.from_iterable(pairs)), map("".join, pairs)
+    return pairs if tokens >= parts and all(map(tokens.__contains__, joins)) else None
+
+
+def _check_merges(fields: _Fields, merges: list, vocab: Mapping[str, int]) -> None:
+    """TokenizerError naming the first merge that is not 'left right' with left, right and left + right in `vocab`."""
+    for i, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else ()
+        if len(parts) != 2 or not all(parts):
+            raise TokenizerError(f"{fields.source}: tokenizer.ggml.merges[{i}] is {merge!r}, expected 'left right'")
+        left, right = parts
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise TokenizerError(
+                f"{fields.source}: tokenizer.ggml.merges[{i}] {left + ' ' + right!r} joins tokens "
+                "that are not in tokenizer.ggml.tokens"
+            )
+
+
+def _byte_level_vocab(tokens: list[str], types: list[int]) -> dict[str, int]:
+    """token -> id. Normal tokens are spelled in GPT-2's byte alphabet; a few converters store some
+    as plain text, which is respelled (as transformers' GGUF loader does). The tokens are searched
+    for characters outside the alphabet all at once: a vocabulary has ~10^5 of them."""
+    spelled = list(tokens)
+    ends = list(itertools.accumulate(map(len, tokens)))
+    outside = {bisect.bisect_right(ends, m.start()) for m in _OUTSIDE_ALPHABET.finditer("".join(tokens))}
+    for i in outside:
+        if types[i] == NORMAL:
+            spelled[i] = bytes_to_piece(tokens[i].encode("utf-8"))
+    return dict(zip(spelled, range(len(spelled))))
 
 
 def _sentencepiece_bpe(fields: _Fields, tokens: list[str], types: list[int]) -> Engine:

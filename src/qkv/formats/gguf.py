@@ -115,30 +115,34 @@ PACKED_BITS: dict[GGMLQuantizationType, int] = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q8_0: 8}
 PACKED_GROUP = 32
 # Work done a piece at a time, so that the temporaries stay in the cache: bytes of the file's blocks
 # (`quantized`), float32 values (`tensor` into another dtype).
-_CHUNK_BYTES = 1 << 18
+_CHUNK_BYTES = 1 << 19
 _SLAB_ELEMENTS = 1 << 18
 
 
-def _repack_q4(qs: torch.Tensor, out: torch.Tensor) -> None:
-    """Q4 quants [..., 16] (element j in the low nibble of byte j, j + 16 in its high one) -> `out`
-    [..., 16] uint8 holding two columns a byte in order: 2k in the low nibble, 2k + 1 in the high one.
+def _repack_q4(blocks: torch.Tensor, quants_at: int, out: torch.Tensor) -> None:
+    """Q4 blocks [..., type_size] (contiguous) whose 16 bytes of quants start at `quants_at`, element
+    j in the low nibble of byte j and j + 16 in its high one -> `out` [..., 16] uint8 holding two
+    columns a byte in order: 2k in the low nibble, 2k + 1 in the high one.
 
     Read as little-endian 16-bit words, bytes 2k and 2k + 1 hold elements 2k and 2k + 1 in their low
-    nibbles and 2k + 16 and 2k + 17 in their high ones: each word makes output bytes k and k + 8."""
-    words = qs.view(torch.int16)  # [..., 8]
+    nibbles and 2k + 16 and 2k + 17 in their high ones: each word makes output bytes k and k + 8.
+    The words of whole blocks (scales too) are worked on as one contiguous run, and the quants'
+    words picked out at the end: short strided rows of 8 would cost more than the scales' words."""
+    words = blocks.view(torch.int16)  # [..., type_size / 2]
     for half, shifted in ((out[..., :8], words), (out[..., 8:], words >> 4)):  # arithmetic shift: masked
         nibbles = shifted & 0x0F0F  # the word's two nibbles, one in each byte
-        half.copy_(nibbles | (nibbles >> 4))  # int16 -> uint8 keeps the low byte: both nibbles
+        nibbles |= nibbles >> 4
+        half.copy_(nibbles[..., quants_at // 2 :])  # int16 -> uint8 keeps the low byte: both nibbles
 
 
 def _stored_q4_0(blocks: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    _repack_q4(blocks[..., 2:], out["qweight"])
+    _repack_q4(blocks, 2, out["qweight"])
     out["scales"].copy_(_scale(blocks, 0)[..., 0])  # w = (q - 8) d: zero = 0
     out["zeros"].zero_()
 
 
 def _stored_q4_1(blocks: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    _repack_q4(blocks[..., 4:], out["qweight"])
+    _repack_q4(blocks, 4, out["qweight"])
     d, m = _scale(blocks, 0)[..., 0], _scale(blocks, 2)[..., 0]  # w = q d + m = (q - 8) d + (m + 8 d)
     out["scales"].copy_(d)
     torch.add(m, 8 * d, out=out["zeros"])

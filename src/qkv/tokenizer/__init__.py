@@ -6,8 +6,9 @@
 'hello world'
 """
 
+from typing import Any
+
 from qkv.tokenizer.base import Encoding, Tokenizer
-from qkv.tokenizer.chat_template import CHAT_TEMPLATES
 from qkv.tokenizer.gguf_vocab import load_gguf_tokenizer, read_gguf_metadata, tokenizer_from_gguf_fields
 from qkv.tokenizer.loaders import load_tokenizer
 from qkv.tokenizer.tiktoken_format import tokenizer_from_tiktoken
@@ -24,3 +25,13 @@ __all__ = [
     "tokenizer_from_tiktoken",
     "train_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Chat templates need Jinja (~15 ms to import): only when one is asked for or applied, which
+    # loading a model, encoding, decoding and generating from ids or text never do.
+    if name == "CHAT_TEMPLATES":
+        from qkv.tokenizer.chat_template import CHAT_TEMPLATES
+
+        return CHAT_TEMPLATES
+    raise AttributeError(f"module 'qkv.tokenizer' has no attribute {name!r}")

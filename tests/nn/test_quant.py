@@ -212,3 +212,23 @@ def test_native_dense_weight_equals_the_torch_fallback_and_dequantize(n, k, grou
     assert calls and torch.equal(fast, layer.dequantize(torch.bfloat16))
     monkeypatch.setattr(quant, "_int4_dense_native", lambda *a: False)  # the torch path
     assert torch.equal(layer._dense_weight(torch.bfloat16), fast)
+
+
+def test_a_tied_head_multiplies_by_its_embedding_table_from_twin_rows_on():
+    """prepare_model gives a packed tied head the embedding table as its dense twin: shared (same
+    storage, not in the state dict), used from TWIN_ROWS rows on, dropped when the model moves."""
+    model = tiny_model("tiny-llama", tie_embeddings=True, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128)
+    model = quant.prepare_model(quantize_model(model, "int4").to(torch.bfloat16))
+    head, table = model.lm_head, model.embed.tokens.weight
+    assert head._twin and head._twin[0].data_ptr() == table.data_ptr()
+    assert not any("twin" in key for key in model.state_dict())
+    with torch.no_grad():
+        many = torch.randn(quant.TWIN_ROWS, 64).bfloat16()
+        assert torch.equal(head(many), torch.nn.functional.linear(many, table))
+        few = many[: quant.TWIN_ROWS - 1]
+        assert not torch.equal(head(few), torch.nn.functional.linear(few, table))  # the packed kernel
+        torch.testing.assert_close(head(few), torch.nn.functional.linear(few, table), atol=0.05, rtol=0.02)
+    model.float()
+    assert not model.lm_head._twin
+    with pytest.raises(ValueError, match=r"a dense twin must be \[512, 64\]"):
+        head.share_dense(torch.zeros(64, 512))

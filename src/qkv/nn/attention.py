@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.kernels import ops
 from qkv.nn.linear import Linear
 from qkv.nn.mask import AttentionMask
 from qkv.nn.position import apply_rotary
@@ -41,12 +42,20 @@ def _eager(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_we
     return weights @ v, (weights if need_weights else None)
 
 
+# From this many sequences on, a decode step's attention runs in `qkv/kernels/attention.c`: it skips
+# the masked slots of a static cache and reads each cached row once for the heads that share it.
+# Below it, the per-call overhead outweighs that (benchmarks/attention_step.py prints both by batch).
+NATIVE_MIN_BATCH = 4
+
+
 def _single_query(q, k, v, mask: AttentionMask, scale: float):
     # One new token per sequence (the decode step): group the query heads that share a kv head
     # into one matmul instead of expanding K/V; on CPU this beats the fused kernel's setup cost.
     # Small bf16 batched matmuls are slower on CPU than converting to float32 first.
     B, H, _, hd = q.shape
     kv = k.shape[1]
+    if B >= NATIVE_MIN_BATCH and ops.single_query_fits(q, k, v) and ops.single_query_available():
+        return ops.single_query_attention(q, k, v, mask.bias, scale)
     if torch.compiler.is_compiling():
         # In a compiled step, as reductions that inductor fuses with the casts: the cache is read
         # once in its own dtype and accumulated in float32, never copied to float32 as a whole

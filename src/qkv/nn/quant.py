@@ -59,6 +59,10 @@ HEAD_NAMES = ("lm_head",)
 # kernels. A rough choice, not a tuned one: the int4 kernel works a row at a time (at 16 rows it is
 # 2x slower than a packed bf16 matmul), while dequantizing costs a pass over the whole layer per call.
 DENSE_ROWS = int(os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
+# Rows from which a layer with a dense twin (`QuantLinear.share_dense`: a tied head's embedding
+# table) multiplies by the twin: one bfloat16 read of the table beats the packed kernel's row-at-a-
+# time passes from a few rows on (benchmarks/head_rows.py prints both by row count).
+TWIN_ROWS = int(os.environ.get("QKV_QUANT_TWIN_ROWS", "8"))
 _INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 _INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
@@ -199,6 +203,7 @@ class QuantLinear(nn.Module):
         self._kernel: tuple | None = None
         self._kernel_dtype: torch.dtype | None = None
         self._released = False
+        self._twin: tuple[torch.Tensor, ...] = ()  # see share_dense; a tuple keeps it out of the state dict
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 32) -> QuantLinear:
@@ -221,6 +226,17 @@ class QuantLinear(nn.Module):
 
     def _forget_kernel(self) -> None:
         self._kernel, self._kernel_dtype, self._released = None, None, False
+        self._twin = ()
+
+    def share_dense(self, weight: torch.Tensor) -> None:
+        """Multiply forwards of `TWIN_ROWS` rows or more by `weight` [out, in], a dense tensor the
+        model holds anyway that stands for the same values (a tied head's embedding table, which
+        is the dequantized head). It is shared, not copied, and dropped when the layer moves."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"a dense twin must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}"
+            )
+        self._twin = (weight,)
 
     def extra_repr(self) -> str:
         grouping = f"group_size={self.group_size}" if self.group_size else "per-channel"
@@ -256,6 +272,7 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` moves but never rounds the scales and zeros: they stay float32."""
         kept = {k: self._buffers[k] for k in ("scales", "zeros") if self._buffers.get(k) is not None}
+        self._twin = ()
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
@@ -346,6 +363,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.numel() // max(x.shape[-1], 1)
+        if self._twin and rows >= TWIN_ROWS and self._twin[0].dtype == x.dtype:
+            return F.linear(x, self._twin[0], self.bias.to(x.dtype) if self.bias is not None else None)
         if torch.compiler.is_compiling():
             # A compiled graph reads the kernel form as a constant: `prepare` builds it beforehand.
             kernel = self._kernel if self._kernel_dtype == x.dtype else None
@@ -433,12 +452,17 @@ def empty_quantized(model: nn.Module, layout: dict[str, dict]) -> nn.Module:
 
 def prepare_model(model: nn.Module) -> nn.Module:
     """Build every `QuantLinear`'s packed kernel form now, in the model's activation dtype (the
-    first forward would): loading pays for it once, and the stored copies are released."""
+    first forward would): loading pays for it once, and the stored copies are released. A tied
+    head gets the embedding table as its dense twin (`QuantLinear.share_dense`)."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if layers and dtype == torch.bfloat16 and _INT4_KERNEL:
         for layer in layers:
             layer.prepare(dtype)
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "embed", None), "tokens", None)
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    if tied and isinstance(head, QuantLinear) and isinstance(embed, nn.Embedding) and not embed.weight.is_meta:
+        head.share_dense(embed.weight)  # the tied head's dense twin: its own dequantized table
     return model
 
 

@@ -1,0 +1,133 @@
+/* Attention for one new query per sequence (the decode step) over a bfloat16 KV cache.
+
+   q [B, H, hd], k and v [B, KV, S, hd], all bfloat16 and contiguous; bias float32 with strides
+   (bias_sb, bias_sh, 1) over [B, H, S] (stride 0 where it broadcasts), or NULL. out [B, H, hd].
+   Scores, softmax and the weighted sum are float32, as `qkv.nn.attention._single_query` computes
+   them, and the output is rounded to bfloat16 once. Keys whose bias is -1e30 or below (the
+   masked slots of a static cache: most of it early in a generation) get weight exactly 0, and
+   the slots before the first and after the last unmasked one are not read at all. One OpenMP
+   task per (sequence, kv head); the query heads that share a kv head read each cached row once,
+   their dot products computed side by side. Returns nonzero for shapes it does not take. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 16
+#define HEADS 4
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as c10::BFloat16 (no NaNs here) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n put in the
+   exponent), within 2 ulp; written so that the softmax loop vectorizes, which libm's expf does not. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+int qkv_single_query_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const float *bias,
+                          uint16_t *out, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd,
+                          int64_t bias_sb, int64_t bias_sh, float scale, int threads) {
+    if (KV <= 0 || H % KV || hd <= 0 || hd % LANES || S <= 0 || threads < 1) return 1;
+    const int64_t G = H / KV;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        /* per thread: G query rows, one key/value row, G x S scores, G accumulators */
+        const int64_t padded = (G + HEADS - 1) / HEADS * HEADS; /* query rows, zero-padded to whole groups */
+        float *work = calloc((size_t)(padded * hd + hd + G * S + G * hd + 2 * G), sizeof(float));
+        if (!work) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < B * KV; task++) {
+            if (!work) continue;
+            const int64_t b = task / KV, kv = task % KV;
+            float *qf = work, *row = qf + padded * hd, *score = row + hd, *acc = score + G * S, *top = acc + G * hd,
+                  *total = top + G;
+            const uint16_t *kb = k + task * S * hd, *vb = v + task * S * hd;
+            const float *bias_b = bias ? bias + b * bias_sb + kv * G * bias_sh : 0;
+            /* the slots [lo, hi) outside of which every head of this group is masked */
+            int64_t lo = 0, hi = S;
+            if (bias_b) {
+                lo = S, hi = 0;
+                for (int64_t g = 0; g < (bias_sh ? G : 1); g++) {
+                    const float *bg = bias_b + g * bias_sh;
+                    int64_t first = 0, last = S;
+                    while (first < S && bg[first] <= -1e30f) first++;
+                    while (last > first && bg[last - 1] <= -1e30f) last--;
+                    if (first < last) {
+                        lo = first < lo ? first : lo;
+                        hi = last > hi ? last : hi;
+                    }
+                }
+            }
+            const int64_t n = hi > lo ? hi - lo : 0;
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < hd; d++) qf[g * hd + d] = from_bf16(q[(b * H + kv * G + g) * hd + d]);
+            for (int64_t s = 0; s < n; s++) {
+                for (int64_t d = 0; d < hd; d++) row[d] = from_bf16(kb[(lo + s) * hd + d]);
+                for (int64_t g0 = 0; g0 < G; g0 += HEADS) { /* HEADS independent dot products at once */
+                    float part[HEADS][LANES] = {{0}};
+                    for (int64_t d = 0; d < hd; d += LANES)
+                        for (int j = 0; j < HEADS; j++)
+                            for (int l = 0; l < LANES; l++) part[j][l] += qf[(g0 + j) * hd + d + l] * row[d + l];
+                    for (int j = 0; j < HEADS && g0 + j < G; j++) {
+                        for (int width = LANES / 2; width > 0; width /= 2) /* a tree, not a chain of adds */
+                            for (int l = 0; l < width; l++) part[j][l] += part[j][l + width];
+                        const int64_t g = g0 + j;
+                        score[g * S + s] = part[j][0] * scale + (bias_b ? bias_b[g * bias_sh + lo + s] : 0.0f);
+                    }
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                float *sg = score + g * S, m = -INFINITY, sum = 0.0f;
+                const float *bg = bias_b ? bias_b + g * bias_sh + lo : 0;
+                for (int64_t s = 0; s < n; s++) m = sg[s] > m ? sg[s] : m;
+                for (int64_t s = 0; s < n; s++) sg[s] = exp_nonpositive(sg[s] - m);
+                if (bg)
+                    for (int64_t s = 0; s < n; s++) sg[s] = bg[s] <= -1e30f ? 0.0f : sg[s];
+                for (int64_t s = 0; s < n; s++) sum += sg[s];
+                total[g] = sum;
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(G * hd));
+            for (int64_t s = 0; s < n; s++) {
+                for (int64_t d = 0; d < hd; d++) row[d] = from_bf16(vb[(lo + s) * hd + d]);
+                for (int64_t g = 0; g < G; g++) {
+                    const float w = score[g * S + s];
+                    for (int64_t d = 0; d < hd; d++) acc[g * hd + d] += w * row[d];
+                }
+            }
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < hd; d++)
+                    out[(b * H + kv * G + g) * hd + d] = to_bf16(total[g] > 0 ? acc[g * hd + d] / total[g] : 0.0f);
+        }
+        free(work);
+    }
+    return failed ? 2 : 0;
+}

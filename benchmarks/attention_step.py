@@ -15,10 +15,10 @@ step, inductor fuses it with the rotary embedding and the cache write. `NATIVE_M
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from qkv.bench import best_time
 from qkv.config import ModelConfig
 from qkv.generation.static_step import StaticStep
 from qkv.kernels import ops
@@ -35,15 +35,9 @@ def step_ms(model: DecoderLM, batch: int, filled: int, native: bool, repeats: in
         cache = runner.new_cache(batch, filled + 1)
         token = torch.zeros(batch, dtype=torch.long)
         with torch.no_grad():
-            runner.step(token, filled, cache)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                runner.step(token, filled, cache)
-                best = min(best, time.perf_counter() - start)
+            return best_time(lambda: runner.step(token, filled, cache), repeats) * 1e3
     finally:
         attention.NATIVE_MIN_BATCH = saved
-    return best * 1e3
 
 
 def main() -> None:

@@ -11,22 +11,12 @@ same bits, and prints the totals and their ratio.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import qkv
+from qkv.bench import best_time
 from qkv.nn import quant
-
-
-def best_s(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
@@ -41,11 +31,11 @@ def main() -> None:
     def every_layer():
         return [layer._dense_weight(torch.bfloat16) for layer in layers]
 
-    fast = best_s(every_layer)
+    fast = best_time(every_layer, 5)
     built = every_layer()
     try:
         quant._int4_dense_native = lambda *a: False  # the torch ops
-        slow = best_s(every_layer)
+        slow = best_time(every_layer, 5)
         same = all(torch.equal(a, b) for a, b in zip(built, every_layer()))
     finally:
         quant._int4_dense_native = native

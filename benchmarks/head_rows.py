@@ -11,22 +11,12 @@ their ratio; `TWIN_ROWS` in `qkv/nn/quant.py` is where the twin starts to win.
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
 import qkv
+from qkv.bench import best_time
 from qkv.nn import quant
-
-
-def best_ms(fn, repeats: int = 50) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
 
 
 def main() -> None:
@@ -42,10 +32,10 @@ def main() -> None:
             x = torch.randn(rows, head.in_features).bfloat16()
             try:
                 quant.TWIN_ROWS, quant.DENSE_ROWS = 1 << 30, 1 << 30  # the packed kernel at every row count
-                packed = best_ms(lambda x=x: head(x))
+                packed = best_time(lambda x=x: head(x), 50) * 1e3
             finally:
                 quant.TWIN_ROWS, quant.DENSE_ROWS = saved, int(quant.os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
-            twin = best_ms(lambda x=x: torch.nn.functional.linear(x, head._twin[0]))
+            twin = best_time(lambda x=x: torch.nn.functional.linear(x, head._twin[0]), 50) * 1e3
             print(f"{rows:>5} {packed:>8.3f} {twin:>8.3f} {packed / twin:>6.2f}x", flush=True)
 
 

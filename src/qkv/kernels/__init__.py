@@ -1,11 +1,12 @@
 """Small C kernels that torch lacks, built once per machine by the system C compiler, loaded by ctypes.
 
-Each kernel is a `.c` file beside this module. `library(name)` compiles it with `-O3 -march=native`
-into `$QKV_HOME/kernels/<name>-<hash>.so` (the hash covers the source, the flags, the compiler and
-the CPU's flags, so a shared cache never hands one machine another's build) and loads it. A build
-takes well under a second and happens once; the file appears atomically, so processes building
-side by side cannot load half a library. Without a compiler, or with `QKV_NATIVE=0`, `library`
-returns None and callers keep their torch fallback; `unavailable(name)` says why.
+Each kernel is a `.c` file beside this module (sharing the `.h` files there). `library(name)`
+compiles it with `-O3 -march=native` into `$QKV_HOME/kernels/<name>-<hash>.so` (the hash covers
+the sources, the flags, the compiler and the CPU's flags, so a shared cache never hands one
+machine another's build) and loads it. A build takes well under a second and happens once; the
+file appears atomically, so processes building side by side cannot load half a library. Without
+a compiler, or with `QKV_NATIVE=0`, `library` returns None and callers keep their torch
+fallback; `unavailable(name)` says why.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def library(name: str) -> ctypes.CDLL | None:
     from qkv.atomic import atomic_path
     from qkv.hub import qkv_home
 
-    source = (Path(__file__).parent / f"{name}.c").read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]))
+    here = Path(__file__).parent
+    source = (here / f"{name}.c").read_bytes()
+    headers = [h.read_bytes() for h in sorted(here.glob("*.h"))]  # what the sources include
+    key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(), compiler.encode(),
+                                      _cpu_flags().encode()]))  # fmt: skip
     target = qkv_home() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
@@ -52,8 +56,8 @@ def library(name: str) -> ctypes.CDLL | None:
                 c_file = tmp.with_suffix(".c")
                 c_file.write_bytes(source)
                 try:
-                    subprocess.run([compiler, *FLAGS, str(c_file), "-o", str(tmp)], check=True, capture_output=True,
-                                   timeout=120)  # fmt: skip
+                    command = [compiler, *FLAGS, f"-I{here}", str(c_file), "-o", str(tmp)]
+                    subprocess.run(command, check=True, capture_output=True, timeout=120)
                 finally:
                     c_file.unlink(missing_ok=True)
         except (OSError, subprocess.SubprocessError) as exc:

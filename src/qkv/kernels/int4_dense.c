@@ -9,21 +9,8 @@
    library needs libgomp.so.1, which the process already holds as torch's own, so the kernel runs
    on torch's thread pool instead of fighting it for the cores. */
 #include <stdint.h>
-#include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even, as c10::BFloat16 (no NaNs here) */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 int qkv_int4_dense_bf16(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out,
                         int64_t n, int64_t k, int64_t group, int threads) {

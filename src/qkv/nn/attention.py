@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
-from qkv.kernels import ops
 from qkv.nn.linear import Linear
 from qkv.nn.mask import AttentionMask
 from qkv.nn.position import apply_rotary
@@ -54,8 +53,11 @@ def _single_query(q, k, v, mask: AttentionMask, scale: float):
     # Small bf16 batched matmuls are slower on CPU than converting to float32 first.
     B, H, _, hd = q.shape
     kv = k.shape[1]
-    if B >= NATIVE_MIN_BATCH and ops.single_query_fits(q, k, v) and ops.single_query_available():
-        return ops.single_query_attention(q, k, v, mask.bias, scale)
+    if B >= NATIVE_MIN_BATCH and q.dtype == torch.bfloat16:
+        from qkv.kernels import ops  # here, not at the top: it registers a torch op, which imports dynamo (~1 s)
+
+        if ops.single_query_fits(q, k, v) and ops.single_query_available():
+            return ops.single_query_attention(q, k, v, mask.bias, scale)
     if torch.compiler.is_compiling():
         # In a compiled step, as reductions that inductor fuses with the casts: the cache is read
         # once in its own dtype and accumulated in float32, never copied to float32 as a whole

@@ -63,12 +63,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument(
+        "--json-schema", type=json_schema_argument, default=None, metavar="FILE|JSON",
+        help='constrain the output to JSON valid under this JSON Schema (a file, or the schema itself); '
+             '\'{"type": "object"}\' allows any object. Needs llguidance (pip install \'qkv[json]\')',
+    )  # fmt: skip
+    p.add_argument(
         "--logprobs", dest="top_logprobs", type=non_negative_int, default=0, metavar="N", help="report top-N log-probs"
     )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--stream", action="store_true", help="print text as it is generated")
     out.add_argument("--json", action="store_true", help="print text, ids, finish reason and timings as JSON")
     p.set_defaults(func=run)
+
+
+def json_schema_argument(value: str) -> str:
+    """--json-schema: the schema's JSON text, given inline (it starts with '{') or as a file path.
+    GenerationConfig parses and checks it, so a bad schema is refused before the model loads."""
+    if value.lstrip().startswith("{"):
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value}: {exc.strerror} (give a schema file or the schema as JSON)"
+        ) from None
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -8,6 +8,7 @@ reached only through `qkv.models.protocol.GenerativeModel`.
 
 from qkv.generation.api import generate
 from qkv.generation.beam import ban_repeated_ngrams, beam_search
+from qkv.generation.constrained import JSON_OBJECT, JsonSchemaProcessor, response_format_schema
 from qkv.generation.decode import context_budget, decode_one_token, decode_steps, prefill
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import (
@@ -26,8 +27,10 @@ from qkv.generation.stopping import StopStrings
 from qkv.generation.text import Completion, TextStream, complete, stream, stream_completion
 
 __all__ = [
+    "JSON_OBJECT",
     "Completion",
     "GenerationConfig",
+    "JsonSchemaProcessor",
     "LogitsProcessor",
     "SpeculativeStats",
     "StaticStep",
@@ -44,6 +47,7 @@ __all__ = [
     "min_p_filter",
     "prefill",
     "repetition_penalty",
+    "response_format_schema",
     "sample_next_token",
     "speculative_generate",
     "stream",

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from qkv.cache import KVCache
 from qkv.errors import UsageError
+from qkv.generation.constrained import JsonSchemaProcessor
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
@@ -156,6 +158,7 @@ def decode_steps(
     processors: list[LogitsProcessor] | None = None,
     stop: StopStrings | None = None,
     compile: bool | None = None,
+    tokenizer: Any = None,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position (at most n_new), stopping when every row finished.
 
@@ -165,11 +168,17 @@ def decode_steps(
     is kept). The caller may stop iterating at any time; the cache is local to this iterator.
     `compile=True` runs every step through one compiled static-shape graph (`StaticStep`); None
     (the default) does so where it pays, see `auto_compile` (packed quantized decoders).
+    `config.json_schema` puts a `JsonSchemaProcessor` over `tokenizer` (default: model.tokenizer)
+    before the other processors (custom ones too): the sampling filters then see only tokens the
+    schema allows, and the grammar ends each row with an EOS once its document is complete.
     """
     B = input_ids.shape[0]
     device = input_ids.device
     eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
     pad = pad_id(config, eos)
+    grammar = None
+    if config.json_schema is not None:  # built, and so checked, before the prompt is run
+        grammar = JsonSchemaProcessor(config.json_schema, tokenizer or getattr(model, "tokenizer", None), eos)
     static = None
     if compile is None:
         compile = auto_compile(model, attention_mask)
@@ -186,6 +195,8 @@ def decode_steps(
     T = tokens.shape[1]  # the sequence being continued: the prompt, or the decoder's start token
     own, generator = sampling_setup(config, T, device)
     processors = own if processors is None else processors
+    if grammar is not None:
+        processors = [grammar, *processors]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(n_new):
         raw = logits

@@ -12,10 +12,11 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qkv.errors import GenerationOptionError
+from qkv.generation.constrained import check_json_schema
 
 
 def _ids(value: int | Sequence[int] | None, name: str) -> tuple[int, ...] | None:
@@ -55,6 +56,9 @@ class GenerationConfig:
     # What to report
     logprobs: bool = False  # log p of each chosen token
     top_logprobs: int = 0  # and the N most likely alternatives
+    # Constrained decoding (qkv.generation.constrained): the output is a JSON document valid under
+    # this JSON Schema (a dict or its JSON text; {"type": "object"} = any object, OpenAI's json_object)
+    json_schema: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -63,6 +67,8 @@ class GenerationConfig:
         else:
             set_(self, "stop", tuple(self.stop or ()))
         set_(self, "eos_token_id", _ids(self.eos_token_id, "eos_token_id"))
+        if self.json_schema is not None:
+            set_(self, "json_schema", check_json_schema(self.json_schema))
         self._validate()
 
     def _validate(self) -> None:
@@ -149,7 +155,7 @@ class GenerationConfig:
         """Refuse the options that decoding path `path` ("sample", "beam", "speculative") cannot honour."""
         defaults = GenerationConfig()
         if path == "beam":
-            unsupported = {"logprobs": self.wants_logprobs}
+            unsupported = {"logprobs": self.wants_logprobs, "json_schema": self.json_schema is not None}
         elif path == "speculative":
             keep = {"max_new_tokens", "eos_token_id", "pad_token_id"}
             unsupported = {

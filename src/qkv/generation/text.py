@@ -189,7 +189,7 @@ def stream_completion(
     finish, stopped_by = "length" if n_new == config.max_new_tokens else "context", None
     start = time.perf_counter()
     first = None
-    for step in decode_steps(model, input_ids, config, n_new, eos, compile=compile):
+    for step in decode_steps(model, input_ids, config, n_new, eos, compile=compile, tokenizer=tokenizer):
         if first is None:
             first = time.perf_counter()
         token = int(step.tokens[0])

@@ -185,6 +185,19 @@ def test_each_row_of_a_left_padded_batch_keeps_its_own_state(model, byte_level):
         assert tokens == rows_of(alone, len(prompts[i]), eos=0)[0]  # greedy: the same as alone
 
 
+def test_an_encoder_decoder_follows_the_schema_after_its_start_token(byte_level):
+    from qkv import ModelConfig
+    from qkv.models import EncoderDecoder
+
+    torch.manual_seed(0)
+    t5 = EncoderDecoder(ModelConfig.from_name("tiny-t5", vocab_size=byte_level.vocab_size)).eval()
+    t5.tokenizer = byte_level
+    source = torch.tensor([byte_level.encode("A person:")] * 2)
+    out = generate(t5, source, 60, json_schema=PERSON, eos_token_id=0, temperature=1.0, seed=0)
+    for tokens in rows_of(out, 1, eos=0):  # the decoder continues its start token
+        assert_valid(byte_level, tokens, PERSON)
+
+
 def test_the_grammar_changes_the_output(model, prompt):
     free = generate(model, prompt, 40)[0, prompt.shape[1] :].tolist()
     with pytest.raises(json.JSONDecodeError):

@@ -178,7 +178,8 @@ def decode_steps(
     pad = pad_id(config, eos)
     grammar = None
     if config.json_schema is not None:  # built, and so checked, before the prompt is run
-        grammar = JsonSchemaProcessor(config.json_schema, tokenizer or getattr(model, "tokenizer", None), eos)
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        grammar = JsonSchemaProcessor(config.json_schema, tokenizer, eos)
     static = None
     if compile is None:
         compile = auto_compile(model, attention_mask)

@@ -128,7 +128,7 @@ def dense_qkv(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_quantize_writes_a_checkpoint_that_loads_quantized(dense_qkv, tmp_path, capsys, scheme):
-    from qkv.nn.quant import QuantLinear, quantize_model, quantized_modules
+    from qkv.nn.quant import QuantLinear, prepare_model, quantize_model, quantized_modules
 
     dst = tmp_path / scheme
     assert main(["convert", str(dense_qkv), str(dst), "--to", "qkv", "--quantize", scheme]) == 0
@@ -141,6 +141,7 @@ def test_quantize_writes_a_checkpoint_that_loads_quantized(dense_qkv, tmp_path, 
     assert json.loads((dst / "config.json").read_text())["quantization"] == layout
     expected = quantize_model(qkv.load(dense_qkv, dequantize=True), scheme).to(torch.bfloat16)
     expected.rope.reset_buffers()  # .to() rounded the RoPE frequencies to bfloat16; a load computes them in float32
+    prepare_model(expected)  # as qkv.load does: packed kernels, and the tied head's dense twin
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(loaded, ids), logits(expected, ids))
     assert loaded.embed.tokens.weight.dtype == torch.bfloat16

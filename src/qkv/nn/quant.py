@@ -230,8 +230,9 @@ class QuantLinear(nn.Module):
 
     def share_dense(self, weight: torch.Tensor) -> None:
         """Multiply forwards of `TWIN_ROWS` rows or more by `weight` [out, in], a dense tensor the
-        model holds anyway that stands for the same values (a tied head's embedding table, which
-        is the dequantized head). It is shared, not copied, and dropped when the layer moves."""
+        model holds anyway that stands for the same values: a tied head's embedding table, which
+        is the head dequantized (a GGUF's Q8_0 table) or the dense original it was quantized from
+        (`quantize_model`). It is shared, not copied, and dropped when the layer moves."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"a dense twin must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}"

@@ -11,8 +11,6 @@ import json
 
 import pytest
 import torch
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
-from tokenizers import Tokenizer as Engine
 
 from qkv.errors import GenerationOptionError
 from qkv.generation import GenerationConfig, generate
@@ -28,6 +26,7 @@ from qkv.generation.constrained import (
 from qkv.generation.text import complete, stream_completion
 from qkv.tokenizer import Tokenizer, train_tokenizer
 from tiny_models import left_pad, tiny_model
+from tiny_tokenizers import sentencepiece_engine
 
 llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
@@ -48,30 +47,9 @@ TEXTS = ["Hello world", ' {"a": [1, 2.5e3, null]}', "ünïcödé 👍 \t\n  x", 
 
 
 def sentencepiece_tokenizer(decoder: str) -> Tokenizer:
-    """A LLaMA-style SentencePiece BPE: ▁ for spaces with a dummy prefix, <0xNN> byte fallback for
-    characters outside its small alphabet, <unk> <s> </s>. decoder: "replace" (llama.cpp's, as
-    qkv's GGUF loader builds it) or "metaspace" (older HF tokenizer.json files)."""
-    specials = ["<unk>", "<s>", "</s>"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer_engine = Engine(models.BPE())
-    trainer_engine.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer_engine.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=specials + byte_tokens, limit_alphabet=40, show_progress=False
-    )
-    trainer_engine.train_from_iterator(CORPUS, trainer)
-    model = json.loads(trainer_engine.to_str())["model"]
-    engine = Engine(models.BPE(model["vocab"], [tuple(m) for m in model["merges"]], unk_token="<unk>",
-                               fuse_unk=True, byte_fallback=True))  # fmt: skip
-    engine.normalizer = trainer_engine.normalizer
-    engine.pre_tokenizer = trainer_engine.pre_tokenizer
-    if decoder == "replace":
-        engine.decoder = decoders.Sequence(
-            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-        )
-    else:
-        engine.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")])
-    engine.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    """A small LLaMA-style SentencePiece BPE (tests/tiny_tokenizers.py); decoder: "replace" (llama.cpp's,
+    as qkv's GGUF loader builds it) or "metaspace" (older HF tokenizer.json files)."""
+    engine = sentencepiece_engine(CORPUS, vocab_size=420, limit_alphabet=40, decoder=decoder)
     return Tokenizer(engine, special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
 
 

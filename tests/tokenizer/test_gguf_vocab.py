@@ -8,15 +8,15 @@ import json
 import gguf
 import numpy as np
 import pytest
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Engine
+from tokenizers import pre_tokenizers
 
 from qkv import hub
 from qkv.errors import TokenizerError
 from qkv.tokenizer import load_tokenizer, read_gguf_metadata, tokenizer_from_gguf_fields
+from tiny_tokenizers import BYTE_TOKENS, sentencepiece_engine
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = (int(t) for t in gguf.TokenType if t.name != "UNUSED")
-BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
 def write_gguf(path, *, model=None, tokens=None, scores=None, types=None, merges=None, pre=None, **extra) -> None:
@@ -43,27 +43,9 @@ def write_gguf(path, *, model=None, tokens=None, scores=None, types=None, merges
 
 
 def sentencepiece_reference(texts: list[str]) -> Engine:
-    """A SentencePiece-style BPE as LLaMA's: ▁ for spaces with a dummy prefix, <0xNN> byte fallback
-    for characters outside the (deliberately small) alphabet, <unk> <s> </s>, and two added tokens."""
-    specials = ["<unk>", "<s>", "</s>"]
-    trainer_engine = Engine(models.BPE())
-    trainer_engine.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    trainer_engine.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=specials + BYTE_TOKENS, limit_alphabet=70, show_progress=False
-    )
-    trainer_engine.train_from_iterator(texts, trainer)
-    model = json.loads(trainer_engine.to_str())["model"]
-    engine = Engine(models.BPE(model["vocab"], [tuple(m) for m in model["merges"]], unk_token="<unk>",
-                               fuse_unk=True, byte_fallback=True))  # fmt: skip
-    engine.normalizer = trainer_engine.normalizer
-    engine.pre_tokenizer = trainer_engine.pre_tokenizer
-    engine.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    engine.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*specials, "<|im_end|>"]])
-    engine.add_tokens([AddedToken("<think>", special=False, normalized=False)])
-    return engine
+    """The SentencePiece-style reference (tests/tiny_tokenizers.py) with two added tokens."""
+    return sentencepiece_engine(texts, vocab_size=1500, limit_alphabet=70, extra_specials=["<|im_end|>"],
+                                added=["<think>"])  # fmt: skip
 
 
 @pytest.fixture(scope="module")

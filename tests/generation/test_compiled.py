@@ -98,24 +98,3 @@ def test_packed_quantized_model_compiles_by_default_and_equals_eager(monkeypatch
     monkeypatch.setenv("QKV_COMPILE", "0")
     assert not static_step.auto_compile(model)
     assert not static_step.auto_compile(tiny_model("tiny-llama"))  # dense float32: eager
-
-
-def test_inductors_simd_probes_run_once_per_machine(monkeypatch, tmp_path):
-    """vec_isa_proven runs inductor's probes when no marker exists and, if every SIMD set the CPU
-    claims passes, leaves one, so that later processes skip them; a failed probe leaves none."""
-    from torch._inductor import cpu_vec_isa
-
-    from qkv.generation import static_step
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    claimed = [isa for isa in cpu_vec_isa.supported_vec_isa_list
-               if all(flag in cpu_vec_isa.x86_isa_checker() for flag in str(isa).split())]  # fmt: skip
-    if not claimed:
-        pytest.skip("this CPU claims none of inductor's x86 SIMD sets")
-    with monkeypatch.context() as m:
-        m.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: claimed[1:])  # the widest set failed its probe
-        assert static_step.vec_isa_proven() == {}
-        assert not list(tmp_path.glob("vec-isa-ok-*"))
-    proven = all(isa in cpu_vec_isa.valid_vec_isa_list() for isa in claimed)  # inductor's own probes
-    assert static_step.vec_isa_proven() == ({"cpp.vec_isa_ok": True} if proven else {})
-    assert len(list(tmp_path.glob("vec-isa-ok-*"))) == int(proven)

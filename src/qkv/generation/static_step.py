@@ -14,7 +14,6 @@ request (`compile=True`), with inductor's freezing, which prepacks their weights
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import types
@@ -43,43 +42,6 @@ def use_compile_cache_dir() -> None:
     """Point inductor at `compile_cache_dir()`; it must run before inductor is first imported,
     whose config import settles the directory once for the process."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
-
-
-def _vec_isa_marker() -> Path:
-    """The file saying that inductor's SIMD probes all passed on this CPU, with this torch and compiler."""
-    from qkv import kernels
-
-    key = hashlib.sha256(f"{torch.__version__}\0{shutil.which('g++')}\0{kernels.cpu_flags()}".encode())
-    return compile_cache_dir() / f"vec-isa-ok-{key.hexdigest()[:16]}"
-
-
-def vec_isa_proven() -> dict[str, bool]:
-    """{"cpp.vec_isa_ok": True} once inductor's SIMD probes have all passed on this machine, else {}.
-
-    Inductor probes each SIMD instruction set the CPU claims (it compiles a test, then dlopens it
-    in a child Python) in every new process: ~0.9 s of a warm start. The first process on a machine
-    runs the probes (`record_vec_isa`) and, if every claimed set passes, leaves a marker; from then
-    on every compile trusts them. Compiles always see the same setting on a proven machine, which
-    matters: the setting is part of inductor's cache key.
-    """
-    if not _vec_isa_marker().exists():
-        record_vec_isa()
-    return {"cpp.vec_isa_ok": True} if _vec_isa_marker().exists() else {}
-
-
-def record_vec_isa() -> None:
-    """Run inductor's probes; leave the marker if every SIMD set this CPU claims passes them."""
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        claimed = [isa for isa in cpu_vec_isa.supported_vec_isa_list
-                   if all(flag in cpu_vec_isa.x86_isa_checker() for flag in str(isa).split())]  # fmt: skip
-        if claimed and all(isa in cpu_vec_isa.valid_vec_isa_list() for isa in claimed):
-            marker = _vec_isa_marker()
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-    except Exception:  # inductor's internals moved: keep probing in every process, as inductor does
-        pass
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
@@ -162,5 +124,5 @@ class StaticStep:
         # Freezing is a global inductor setting; patch it only around our own graphs. Packed models
         # get the C++ wrapper, which drops the Python between kernels (SmolLM2: 6.6 -> 6.2 ms a
         # step; the first compile takes ~70 s instead of ~45, a cached one the same ~5.5 s).
-        with inductor_config.patch(freezing=self.freeze, cpp_wrapper=not self.freeze, **vec_isa_proven()):
+        with inductor_config.patch(freezing=self.freeze, cpp_wrapper=not self.freeze):
             return compiled_step(self.model)(self.model, token[:, None], input_pos, cache)[:, -1]

@@ -23,8 +23,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 _why_not: dict[str, str] = {}
 
 
-def cpu_flags() -> str:
-    """The CPU's feature flags line from /proc/cpuinfo ("" where there is none)."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
@@ -49,7 +48,7 @@ def library(name: str) -> ctypes.CDLL | None:
     source = (here / f"{name}.c").read_bytes()
     headers = [h.read_bytes() for h in sorted(here.glob("*.h"))]  # what the sources include
     key = hashlib.sha256(b"\0".join([source, *headers, " ".join(FLAGS).encode(), compiler.encode(),
-                                      cpu_flags().encode()]))  # fmt: skip
+                                      _cpu_flags().encode()]))  # fmt: skip
     target = qkv_home() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:

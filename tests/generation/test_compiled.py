@@ -98,3 +98,27 @@ def test_packed_quantized_model_compiles_by_default_and_equals_eager(monkeypatch
     monkeypatch.setenv("QKV_COMPILE", "0")
     assert not static_step.auto_compile(model)
     assert not static_step.auto_compile(tiny_model("tiny-llama"))  # dense float32: eager
+
+
+def test_inductors_simd_probes_pass_from_memory_once_passed(monkeypatch, tmp_path):
+    """remember_simd_probes: a library whose probe passed is not probed again (in any process: the
+    list is a file in the compile cache); a failed probe is not remembered; a vanished library is."""
+    from torch._inductor import cpu_vec_isa
+
+    from qkv.generation import static_step
+
+    calls = []
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "_probe_load", lambda self, path: calls.append(path) or "bad" not in path)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    static_step.remember_simd_probes()
+    static_step.remember_simd_probes()  # idempotent: wraps once
+    isa = cpu_vec_isa.VecAVX2()
+    good, bad = tmp_path / "good.so", tmp_path / "bad.so"
+    good.touch()
+    bad.touch()
+    assert [isa._probe_load(str(good)) for _ in range(3)] == [True] * 3
+    assert [isa._probe_load(str(bad)) for _ in range(2)] == [False] * 2
+    assert calls == [str(good), str(bad), str(bad)]
+    assert (tmp_path / "simd-probes-passed").read_text().splitlines() == [str(good)]
+    good.unlink()
+    assert isa._probe_load(str(good)) and calls[-1] == str(good)  # gone: probed again

@@ -44,6 +44,41 @@ def use_compile_cache_dir() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
 
 
+def remember_simd_probes() -> None:
+    """Let inductor's SIMD probes pass from memory once they have passed on this machine.
+
+    Before compiling (or loading a cached compile), inductor builds a test library for each SIMD
+    instruction set the CPU claims and loads it in a child Python, to catch a CPU or OS that claims
+    more than it runs: ~0.9 s in every new process, most of what loading a cached step costs beyond
+    re-tracing. The built libraries are cached under content-hashed paths, so a path whose load
+    once succeeded (listed in `compile_cache_dir()/simd-probes-passed`) loads again; only those
+    child processes are skipped. Inductor's settings, and so its cache keys and generated code,
+    are untouched (`cpp.vec_isa_ok=True` would skip the probes too, but it changes the generated
+    step: SmolLM2 decoded at 148 instead of 160 tok/s). A no-op where the probe is not where
+    this torch keeps it.
+    """
+    from torch._inductor import cpu_vec_isa
+
+    probe = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+    if probe is None or getattr(probe, "_qkv_remembers", False):
+        return
+    passed = compile_cache_dir() / "simd-probes-passed"
+
+    def remembered(self, output_path: str) -> bool:
+        known = passed.read_text().splitlines() if passed.exists() else []
+        if output_path in known and os.path.exists(output_path):
+            return True
+        ok = probe(self, output_path)
+        if ok:
+            passed.parent.mkdir(parents=True, exist_ok=True)
+            with open(passed, "a") as f:  # one short line per append: whole lines even side by side
+                f.write(output_path + "\n")
+        return ok
+
+    remembered._qkv_remembers = True
+    cpu_vec_isa.VecISA._probe_load = remembered
+
+
 def is_quantized(model: torch.nn.Module) -> bool:
     from qkv.nn.quant import QuantLinear
 
@@ -77,6 +112,7 @@ def compiled_step(model: torch.nn.Module) -> Callable:
     fn = _COMPILED.get(model)
     if fn is None:
         use_compile_cache_dir()
+        remember_simd_probes()
         own = types.FunctionType(static_logits.__code__.replace(), static_logits.__globals__, "static_logits")
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         fn = _COMPILED[model] = torch.compile(own, options=options)

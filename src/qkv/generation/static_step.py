@@ -49,8 +49,7 @@ def remember_simd_probes() -> None:
 
     Before compiling (or loading a cached compile), inductor builds a test library for each SIMD
     instruction set the CPU claims and loads it in a child Python, to catch a CPU or OS that claims
-    more than it runs: ~0.9 s in every new process, most of what loading a cached step costs beyond
-    re-tracing. The built libraries are cached under content-hashed paths, so a path whose load
+    more than it runs: a few tenths of a second per set, in every new process. The built libraries are cached under content-hashed paths, so a path whose load
     once succeeded (listed in `compile_cache_dir()/simd-probes-passed`) loads again; only those
     child processes are skipped. Inductor's settings, and so its cache keys and generated code,
     are untouched (`cpp.vec_isa_ok=True` would skip the probes too, but it changes the generated

@@ -49,12 +49,12 @@ def remember_simd_probes() -> None:
 
     Before compiling (or loading a cached compile), inductor builds a test library for each SIMD
     instruction set the CPU claims and loads it in a child Python, to catch a CPU or OS that claims
-    more than it runs: a few tenths of a second per set, in every new process. The built libraries are cached under content-hashed paths, so a path whose load
-    once succeeded (listed in `compile_cache_dir()/simd-probes-passed`) loads again; only those
-    child processes are skipped. Inductor's settings, and so its cache keys and generated code,
-    are untouched (`cpp.vec_isa_ok=True` would skip the probes too, but it changes the generated
-    step: SmolLM2 decoded at 148 instead of 160 tok/s). A no-op where the probe is not where
-    this torch keeps it.
+    more than it runs: a few tenths of a second per set, in every new process. The built libraries
+    are cached under content-hashed paths, so a path whose load once succeeded (listed in
+    `compile_cache_dir()/simd-probes-passed`) loads again; only those child processes are skipped.
+    Inductor's settings, and so its cache keys and generated code, are untouched
+    (`cpp.vec_isa_ok=True` skips the probes too, but it changed the generated step, which decoded
+    SmolLM2 slower here). A no-op where this torch keeps its probe elsewhere.
     """
     from torch._inductor import cpu_vec_isa
 

@@ -12,8 +12,10 @@ def fresh(monkeypatch, tmp_path):
     """An empty kernel cache under a temporary QKV_HOME, and `library`'s memo cleared around the test."""
     monkeypatch.setenv("QKV_HOME", str(tmp_path))
     kernels.library.cache_clear()
+    kernels.function.cache_clear()
     yield tmp_path / "kernels"
     kernels.library.cache_clear()
+    kernels.function.cache_clear()
 
 
 @needs_compiler
@@ -24,6 +26,7 @@ def test_builds_once_into_the_cache_and_exports_the_kernel(fresh):
     assert built.name.startswith("int4_dense-") and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
     kernels.library.cache_clear()
+    kernels.function.cache_clear()
     assert kernels.library("int4_dense") is not None and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

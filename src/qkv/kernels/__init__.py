@@ -71,6 +71,17 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
 
 
+@functools.cache
+def function(name: str, symbol: str, argtypes: tuple) -> ctypes._CFuncPtr | None:
+    """`symbol` of kernel `name` with its argument types set once, or None where it is not built."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes = list(argtypes)
+    return fn
+
+
 def unavailable(name: str) -> str | None:
     """Why `library(name)` returned None (None if it was not asked, or worked)."""
     return _why_not.get(name)

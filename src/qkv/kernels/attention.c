@@ -6,8 +6,8 @@
    them, and the output is rounded to bfloat16 once. Keys whose bias is -1e30 or below (the
    masked slots of a static cache: most of it early in a generation) get weight exactly 0, and
    the slots before the first and after the last unmasked one are not read at all. One OpenMP
-   task per (sequence, kv head); the query heads that share a kv head read each cached row once,
-   their dot products computed side by side. Returns nonzero for shapes it does not take. */
+   task per (sequence, kv head); the query heads that share a kv head read each cached row once.
+   Returns nonzero for shapes it does not take. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,7 +16,6 @@
 #include "bf16.h"
 
 #define LANES 16
-#define HEADS 4
 
 /* e^x for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n put in the
    exponent), within 2 ulp; written so that the softmax loop vectorizes, which libm's expf does not. */
@@ -37,6 +36,15 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+static inline float dot(const float *a, const float *b, int64_t n) { /* n % LANES == 0 */
+    float part[LANES] = {0};
+    for (int64_t d = 0; d < n; d += LANES)
+        for (int l = 0; l < LANES; l++) part[l] += a[d + l] * b[d + l];
+    for (int width = LANES / 2; width > 0; width /= 2) /* a tree, not a chain of dependent adds */
+        for (int l = 0; l < width; l++) part[l] += part[l + width];
+    return part[0];
+}
+
 int qkv_single_query_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const float *bias,
                           uint16_t *out, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd,
                           int64_t bias_sb, int64_t bias_sh, float scale, int threads) {
@@ -46,8 +54,7 @@ int qkv_single_query_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
 #pragma omp parallel num_threads(threads)
     {
         /* per thread: G query rows, one key/value row, G x S scores, G accumulators */
-        const int64_t padded = (G + HEADS - 1) / HEADS * HEADS; /* query rows, zero-padded to whole groups */
-        float *work = calloc((size_t)(padded * hd + hd + G * S + G * hd + 2 * G), sizeof(float));
+        float *work = malloc(sizeof(float) * (size_t)(G * hd + hd + G * S + G * hd + 2 * G));
         if (!work) {
 #pragma omp atomic write
             failed = 1;
@@ -56,7 +63,7 @@ int qkv_single_query_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
         for (int64_t task = 0; task < B * KV; task++) {
             if (!work) continue;
             const int64_t b = task / KV, kv = task % KV;
-            float *qf = work, *row = qf + padded * hd, *score = row + hd, *acc = score + G * S, *top = acc + G * hd,
+            float *qf = work, *row = qf + G * hd, *score = row + hd, *acc = score + G * S, *top = acc + G * hd,
                   *total = top + G;
             const uint16_t *kb = k + task * S * hd, *vb = v + task * S * hd;
             const float *bias_b = bias ? bias + b * bias_sb + kv * G * bias_sh : 0;
@@ -80,18 +87,8 @@ int qkv_single_query_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *
                 for (int64_t d = 0; d < hd; d++) qf[g * hd + d] = from_bf16(q[(b * H + kv * G + g) * hd + d]);
             for (int64_t s = 0; s < n; s++) {
                 for (int64_t d = 0; d < hd; d++) row[d] = from_bf16(kb[(lo + s) * hd + d]);
-                for (int64_t g0 = 0; g0 < G; g0 += HEADS) { /* HEADS independent dot products at once */
-                    float part[HEADS][LANES] = {{0}};
-                    for (int64_t d = 0; d < hd; d += LANES)
-                        for (int j = 0; j < HEADS; j++)
-                            for (int l = 0; l < LANES; l++) part[j][l] += qf[(g0 + j) * hd + d + l] * row[d + l];
-                    for (int j = 0; j < HEADS && g0 + j < G; j++) {
-                        for (int width = LANES / 2; width > 0; width /= 2) /* a tree, not a chain of adds */
-                            for (int l = 0; l < width; l++) part[j][l] += part[j][l + width];
-                        const int64_t g = g0 + j;
-                        score[g * S + s] = part[j][0] * scale + (bias_b ? bias_b[g * bias_sh + lo + s] : 0.0f);
-                    }
-                }
+                for (int64_t g = 0; g < G; g++)
+                    score[g * S + s] = dot(qf + g * hd, row, hd) * scale + (bias_b ? bias_b[g * bias_sh + lo + s] : 0.0f);
             }
             for (int64_t g = 0; g < G; g++) {
                 float *sg = score + g * S, m = -INFINITY, sum = 0.0f;

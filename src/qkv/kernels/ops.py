@@ -9,6 +9,7 @@ import torch
 from qkv import kernels
 
 NEEDS_LANES = 16  # attention.c takes head dims that are a multiple of this
+_SINGLE_QUERY_ARGS = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 7 + (ctypes.c_float, ctypes.c_int)
 
 
 @torch.compiler.assume_constant_result
@@ -41,8 +42,7 @@ def single_query_attention(
         if bias.stride(-1) != 1:
             bias = bias.contiguous()
         sb, sh = bias.stride(0), bias.stride(1)
-    fn = kernels.library("attention").qkv_single_query_bf16
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+    fn = kernels.function("attention", "qkv_single_query_bf16", _SINGLE_QUERY_ARGS)
     code = fn(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
         B, H, KV, S, hd, sb, sh, scale, torch.get_num_threads(),

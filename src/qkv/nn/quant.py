@@ -152,15 +152,16 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> 
     raise ValueError(f"bits={bits} is not supported; choose 4 or 8")
 
 
+_INT4_DENSE_ARGS = (ctypes.c_void_p,) * 3 + (ctypes.c_int64,) * 3 + (ctypes.c_int,)
+
+
 def _int4_dense_native(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out: torch.Tensor, n: int, k: int,
                        group: int) -> bool:  # fmt: skip
     """Fill `out` (bfloat16 [n / 64, k, 64]) from the packed int4 form with the C kernel in
     `qkv/kernels/int4_dense.c`: one pass, ~10x the torch ops below it. False where it is not built."""
-    lib = kernels.library("int4_dense")
-    if lib is None or not (packed.is_contiguous() and scales_and_zeros.is_contiguous() and out.is_contiguous()):
+    fn = kernels.function("int4_dense", "qkv_int4_dense_bf16", _INT4_DENSE_ARGS)
+    if fn is None or not (packed.is_contiguous() and scales_and_zeros.is_contiguous() and out.is_contiguous()):
         return False
-    fn = lib.qkv_int4_dense_bf16
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return fn(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, group, torch.get_num_threads()) == 0
 
 

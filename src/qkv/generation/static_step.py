@@ -53,8 +53,8 @@ def remember_simd_probes() -> None:
     are cached under content-hashed paths, so a path whose load once succeeded (listed in
     `compile_cache_dir()/simd-probes-passed`) loads again; only those child processes are skipped.
     Inductor's settings, and so its cache keys and generated code, are untouched
-    (`cpp.vec_isa_ok=True` skips the probes too, but it changed the generated step, which decoded
-    SmolLM2 slower here). A no-op where this torch keeps its probe elsewhere.
+    (`cpp.vec_isa_ok=True` skips the probes too, but it enters inductor's cache key, so every
+    cached step would compile again). A no-op where this torch keeps its probe elsewhere.
     """
     from torch._inductor import cpu_vec_isa
 

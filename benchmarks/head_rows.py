@@ -26,7 +26,7 @@ def main() -> None:
         raise SystemExit("this model's head is not packed with a dense twin (a tied head loaded packed is)")
     print(f"threads {torch.get_num_threads()}, head {head.out_features} x {head.in_features}; ms a call")
     print(f"{'rows':>5} {'packed':>8} {'twin':>8} {'ratio':>7}")
-    saved = quant.TWIN_ROWS
+    saved = quant.TWIN_ROWS, quant.DENSE_ROWS
     with torch.no_grad():
         for rows in (1, 2, 4, 8, 16, 32, 64):
             x = torch.randn(rows, head.in_features).bfloat16()
@@ -34,7 +34,7 @@ def main() -> None:
                 quant.TWIN_ROWS, quant.DENSE_ROWS = 1 << 30, 1 << 30  # the packed kernel at every row count
                 packed = best_time(lambda x=x: head(x), 50) * 1e3
             finally:
-                quant.TWIN_ROWS, quant.DENSE_ROWS = saved, int(quant.os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
+                quant.TWIN_ROWS, quant.DENSE_ROWS = saved
             twin = best_time(lambda x=x: torch.nn.functional.linear(x, head._twin[0]), 50) * 1e3
             print(f"{rows:>5} {packed:>8.3f} {twin:>8.3f} {packed / twin:>6.2f}x", flush=True)
 

@@ -158,6 +158,6 @@ class StaticStep:
 
         # Freezing is a global inductor setting; patch it only around our own graphs. Packed models
         # get the C++ wrapper, which drops the Python between kernels (SmolLM2: 6.6 -> 6.2 ms a
-        # step; the first compile takes ~70 s instead of ~45, a cached one the same ~5.5 s).
+        # step, measured when it came in; the first compile takes longer, ~60-70 s against ~45).
         with inductor_config.patch(freezing=self.freeze, cpp_wrapper=not self.freeze):
             return compiled_step(self.model)(self.model, token[:, None], input_pos, cache)[:, -1]

@@ -84,12 +84,12 @@ _BLOCK_N = 64  # rows per block of torch's CPU int4 layout (aten/src/ATen/native
 def _int4pack(q: torch.Tensor) -> torch.Tensor:
     """Values [N, K] in [0, 15] -> torch's packed CPU int4 layout.
 
-    Where `_int4_layout_ok` has confirmed the layout `_int4unpack` reads, it is written directly
+    Where `int4_layout_known` has confirmed the layout `_int4unpack` reads, it is written directly
     (three byte-wide passes); otherwise torch's converter runs a block of rows at a time (it wants
     int32: a whole large matrix would need 4 bytes a weight at once).
     """
     N, K = q.shape
-    if _int4_layout_known(N):
+    if int4_layout_known(N):
         out = torch.empty(N // _BLOCK_N, K, _BLOCK_N // 2, dtype=torch.uint8)
         half, step = _BLOCK_N // 2, 64  # blocks at a time: bounded temporaries for a large head
         for i in range(0, N // _BLOCK_N, step):
@@ -107,7 +107,7 @@ def _int4pack_torch(q: torch.Tensor) -> torch.Tensor:
 
 
 def _int4unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `_int4pack` (uint8 [N, K]) for the layout `_int4_layout_known` checked: each
+    """The inverse of `_int4pack` (uint8 [N, K]) for the layout `int4_layout_known` checked: each
     block of 64 rows is [K, 32] bytes holding row n in the low nibble and row n + 32 in the high."""
     N, K = packed.shape[0], packed.shape[1] * 2
     blocks = packed.view(N // _BLOCK_N, K, _BLOCK_N // 2)
@@ -124,7 +124,9 @@ def _int4_layout_ok() -> bool:
         return False
 
 
-def _int4_layout_known(rows: int) -> bool:
+def int4_layout_known(rows: int) -> bool:
+    """Whether a weight of `rows` output rows can be written in torch's packed int4 layout directly:
+    whole 64-row blocks, and a torch whose layout is the one `_int4unpack` reads."""
     return rows % _BLOCK_N == 0 and _int4_layout_ok()
 
 
@@ -240,6 +242,36 @@ class QuantLinear(nn.Module):
             )
         self._twin = (weight,)
 
+    def adopt_kernel(self, form: dict[str, torch.Tensor]) -> QuantLinear:
+        """Take a ready bfloat16 kernel form as this layer's values: {"packed" [N, kk / 2] uint8 in
+        torch's int4 layout, "scales_and_zeros" [kk / group, N, 2] bfloat16, "scales" (and int4
+        "zeros") [N, K / group] float32}, kk = 2K for group-wise int8 (two int4 halves), as
+        `prepare(torch.bfloat16)` would build it. A loader that writes it straight from a file
+        (`qkv.checkpoints.gguf.kernel_form`) skips the stored copy and the repacking; the stored
+        `qweight` is released, as `prepare` releases it, and rebuilt from the kernel form on demand."""
+        N, K, group = self.out_features, self.in_features, self.group_size
+        if group is None or not int4_layout_known(N):
+            raise ValueError(f"a {N}-row layer of group size {group} has no packed int4 kernel form")
+        doubled = self.bits == 8
+        kk = 2 * K if doubled else K
+        shapes = {"packed": ((N, kk // 2), torch.uint8), "scales_and_zeros": ((kk // group, N, 2), torch.bfloat16),
+                  "scales": ((N, K // group), torch.float32)}  # fmt: skip
+        if not doubled:
+            shapes["zeros"] = ((N, K // group), torch.float32)
+        for key, (shape, dtype) in shapes.items():
+            got = form.get(key)
+            if got is None or tuple(got.shape) != shape or got.dtype != dtype:
+                found = None if got is None else (tuple(got.shape), got.dtype)
+                raise ValueError(f"kernel form {key!r}: expected {dtype} of shape {shape}, got {found}")
+        self.scales = form["scales"]
+        if not doubled:
+            self.zeros = form["zeros"]
+        self._forget_kernel()
+        self._kernel = ("int4", form["packed"], group, form["scales_and_zeros"], doubled)
+        self._kernel_dtype, self._released = torch.bfloat16, True
+        self.qweight = self._stored_placeholder()
+        return self
+
     def extra_repr(self) -> str:
         grouping = f"group_size={self.group_size}" if self.group_size else "per-channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, {grouping}, " \
@@ -303,7 +335,7 @@ class QuantLinear(nn.Module):
             except RuntimeError:  # a shape the kernel does not take (its rows must be a multiple of 16)
                 self._kernel = ("dense",)
             self._kernel_dtype = dtype
-            if self._kernel[0] == "int4" and _int4_layout_known(self._kernel[1].shape[0]):
+            if self._kernel[0] == "int4" and int4_layout_known(self._kernel[1].shape[0]):
                 self._released = True
                 self.qweight = self._stored_placeholder()
 

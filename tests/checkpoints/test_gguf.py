@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from qkv import kernels
+from qkv.checkpoints import gguf as gguf_loader
 from qkv.checkpoints.gguf import config_from_gguf, is_gguf_file, load_gguf, read_gguf, unpermute_rope_rows
-from qkv.nn.quant import QuantLinear
+from qkv.nn.quant import QuantLinear, prepare_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -35,6 +37,11 @@ CONFIGS: dict[str, dict] = {
     "mqa-tied": {**_BASE, "num_key_value_heads": 1, "tie_word_embeddings": True},
     "k-quants": {**_BASE, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8},
     "bias-head-dim-32": {**_BASE, "head_dim": 32, "attention_bias": True, "mlp_bias": True},
+    # every linear (fused Q/K/V 256, gate+up 384, the head 128) in whole 64-row blocks of the int4 layout
+    "blocks-of-64": {**_BASE, "vocab_size": 128, "hidden_size": 128, "intermediate_size": 192,
+                     "num_attention_heads": 4},
+    "blocks-of-64-tied": {**_BASE, "vocab_size": 128, "hidden_size": 128, "intermediate_size": 192,
+                          "num_attention_heads": 4, "tie_word_embeddings": True},
     "rope-linear": {**_BASE, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}},
     "rope-llama3": {**_BASE, "rope_parameters": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -298,6 +305,46 @@ def test_packed_load_keeps_the_files_values_exactly(gguf_file, name, qtype):
         bf16 = load_gguf(path)(ids).logits.float()  # default: bfloat16 through the packed kernels
         ref = dense(ids).logits
     assert (bf16 - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "name, qtype",
+    [("blocks-of-64", q) for q in (Q.Q8_0, Q.Q4_0, Q.Q4_1)] + [("blocks-of-64-tied", Q.Q4_1), ("gqa-6-2", Q.Q4_1)],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_kernel_form_straight_from_the_file_equals_the_repacked_stored_form(gguf_file, name, qtype, monkeypatch):
+    """A bfloat16 load writes each packed layer's kernel form straight from the file's blocks
+    (`kernel_form`, qkv/kernels/gguf_int4.c): byte for byte what preparing the stored form builds,
+    scales and zeros exactly the stored ones, and so the same logits. Layers without whole 64-row
+    blocks (gqa-6-2's fused Q/K/V of 160 rows) keep the stored path."""
+    if kernels.library("gguf_int4") is None:
+        pytest.skip(f"the packing kernel is not built here: {kernels.unavailable('gguf_int4')}")
+    _, path = gguf_file(name, qtype)
+    direct = load_gguf(path)
+    adopted = {n for n, m in direct.named_modules() if isinstance(m, QuantLinear) and m._kernel is not None}
+    monkeypatch.setattr(gguf_loader, "kernel_form", lambda *args, **kwargs: None)
+    repacked = load_gguf(path)
+    assert not any(m._kernel for m in repacked.modules() if isinstance(m, QuantLinear))
+    prepare_model(direct), prepare_model(repacked)
+    layers = {n: m for n, m in repacked.named_modules() if isinstance(m, QuantLinear)}
+    whole = {n for n, m in layers.items() if m.out_features % 64 == 0}
+    assert adopted == whole and whole, (adopted, whole)
+    if name.startswith("blocks"):
+        assert whole == set(layers) and "lm_head" in whole
+    for module_name, theirs in layers.items():
+        ours = direct.get_submodule(module_name)
+        assert ours._released == theirs._released
+        for a, b in zip(ours._kernel, theirs._kernel, strict=True):
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), module_name
+            else:
+                assert a == b, module_name
+        assert torch.equal(ours.scales, theirs.scales)
+        assert (ours.zeros is None and theirs.zeros is None) or torch.equal(ours.zeros, theirs.zeros)
+        assert torch.equal(ours.values(), theirs.values())  # the stored values come back from the kernel form
+    ids = _ids(repacked.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, repacked(ids).logits)
 
 
 def test_packed_load_dequantizes_other_types(gguf_file):

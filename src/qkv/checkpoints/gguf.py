@@ -20,6 +20,7 @@ half-split layout to the interleaved pairs llama.cpp rotates; the loader writes 
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qkv import kernels
 from qkv.checkpoints.convert import expand_rules, to_qkv_state_dict
 from qkv.checkpoints.fit import check_config_fits
 from qkv.checkpoints.keymaps import GGUF_KEYMAPS, IGNORED_SUFFIXES
@@ -304,13 +306,25 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
         plan["lm_head.weight"] = plan["embed.tokens.weight"]
     state: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
+    forms: dict[str, dict[str, torch.Tensor]] = {}  # modules whose kernel form comes straight from the file
+    threads = torch.get_num_threads()  # for the packing kernel: one parallel region a layer
     with one_thread():  # see qkv.threads.one_thread
         for target, sources in plan.items():
             bits = {PACKED_BITS.get(file.tensors[name].qtype) for name in sources}
             if not dequantize and target in linears and len(bits) == 1 and None not in bits:
                 module = linears[target]
                 layout[module] = {"bits": bits.pop(), "group_size": PACKED_GROUP}
-                state.update(_packed(file, module, sources, layout[module]["bits"], permuted, origin))
+                form = kernel_form(file, sources, permuted, origin, threads) if dtype == torch.bfloat16 else None
+                if form is not None:
+                    forms[module] = form
+                    state.update({f"{module}.{key}": form[key] for key in ("scales", "zeros") if key in form})
+                    rows, K = form["scales"].shape[0], form["scales"].shape[1] * PACKED_GROUP
+                    shape, qdtype = (
+                        ((rows, K // 2), torch.uint8) if form.get("zeros") is not None else ((rows, K), torch.int8)
+                    )
+                    state[f"{module}.qweight"] = torch.empty(shape, dtype=qdtype, device="meta")  # see adopt_kernel
+                else:
+                    state.update(_packed(file, module, sources, layout[module]["bits"], permuted, origin))
             elif target != "lm_head.weight" or not cfg.tie_embeddings:
                 state[target] = _dense(file, sources, expected[target], dtype, permuted, origin)
             if target != "embed.tokens.weight" or dequantize or not cfg.tie_embeddings:  # read twice if tied
@@ -318,6 +332,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
                     file.release(name)
     # fresh: `_packed` allocated the stored tensors, which nothing else holds
     model = materialize(cfg, state, origin=origin, quantized=layout, meta=meta, fresh=True)
+    for module, form in forms.items():
+        model.get_submodule(module).adopt_kernel(form)
     model.tokenizer = _tokenizer(file)
     return model
 
@@ -368,3 +384,57 @@ def _packed(
                 raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
         file.quantized(name, out=part)
     return {f"{module}.{key}": tensor for key, tensor in out.items()}
+
+
+_PACK_ARGS = (ctypes.c_void_p,) * 2 + (ctypes.c_int64,) * 2 + (ctypes.c_void_p,) * 4 + (ctypes.c_int,)
+_ROW_TYPES = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+
+
+def kernel_form(
+    file: GGUFFile, sources: tuple[str, ...], permuted: dict, origin: str, threads: int = 1
+) -> dict[str, torch.Tensor] | None:
+    """The sources' blocks (rows in the model's order: fused, RoPE rows un-permuted) written
+    straight into the packed int4 kernel form a bfloat16 `QuantLinear` computes with, by
+    `qkv/kernels/gguf_int4.c`, in one pass with no stored copy in between: {"packed" [N, kk / 2]
+    uint8, "scales_and_zeros" [kk / 32, N, 2] bfloat16, "scales" (and Q4 "zeros") [N, K / 32]
+    float32}, equal to what `QuantLinear.prepare` builds from the stored form (kk = 2K for Q8_0,
+    whose values run as two int4 halves). None where the kernel is not built here or the rows are
+    not whole 64-row blocks of the layout; the caller then takes the stored form (`_packed`)."""
+    from qkv.nn.quant import int4_layout_known
+
+    rows, K = sum(file.tensors[name].shape[0] for name in sources), file.tensors[sources[0]].shape[1]
+    types = {file.tensors[name].qtype.name for name in sources}
+    if not int4_layout_known(rows) or not types <= _ROW_TYPES.keys() or ("Q8_0" in types and len(types) > 1):
+        return None
+    fn = kernels.function("gguf_int4", "qkv_gguf_int4pack", _PACK_ARGS)
+    if fn is None:
+        return None
+    addresses, row_types = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int8)
+    row = 0
+    for name in sources:
+        n = file.tensors[name].shape[0]
+        part = addresses[row : row + n]
+        row_types[row : row + n] = _ROW_TYPES[file.tensors[name].qtype.name]
+        row += n
+        if _kind(name) in permuted:
+            try:
+                part = rope_rows_view(part, permuted[_kind(name)])
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
+        part.copy_(file.row_addresses(name).view(part.shape))
+    q8 = types == {"Q8_0"}
+    kk, groups = (2 * K if q8 else K), K // PACKED_GROUP
+    out = {
+        "packed": torch.empty(rows // 64, kk, 32, dtype=torch.uint8),
+        "scales_and_zeros": torch.empty(kk // PACKED_GROUP, rows, 2, dtype=torch.bfloat16),
+        "scales": torch.empty(rows, groups),
+    }
+    if not q8:
+        out["zeros"] = torch.empty(rows, groups)
+    status = fn(addresses.data_ptr(), row_types.data_ptr(), rows, K, out["packed"].data_ptr(),
+                out["scales_and_zeros"].data_ptr(), out["scales"].data_ptr(),
+                out["zeros"].data_ptr() if not q8 else None, threads)  # fmt: skip
+    if status != 0:
+        raise CheckpointError(f"{origin}: packing {', '.join(sources)} failed (kernel status {status})")
+    out["packed"] = out["packed"].view(rows, kk // 2)
+    return out

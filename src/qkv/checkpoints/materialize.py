@@ -119,7 +119,8 @@ def materialize(
     for alias, source in aliases.items():  # assign=True replaced the shared parameter: share it again
         owner, _, name = alias.rpartition(".")
         setattr(model.get_submodule(owner), name, model.get_parameter(source))
-    reset_buffers(model, next(iter(state.values())).device if state else torch.device("cpu"))
+    devices = (v.device for v in state.values() if not v.is_meta)  # a placeholder a caller fills later is meta
+    reset_buffers(model, next(devices, torch.device("cpu")))
     return model.eval()
 
 

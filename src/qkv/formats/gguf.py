@@ -239,6 +239,15 @@ class GGUFFile:
                 self._bytes = torch.from_numpy(self._data)
         return self._bytes[info.offset : info.offset + info.n_bytes]
 
+    def row_addresses(self, name: str) -> torch.Tensor:
+        """The memory address of each row of tensor `name`'s blocks in the map (int64 [rows]), for
+        native code that reads the file in place (`qkv/kernels/gguf_int4.c`); valid while the file
+        is open. The reader has checked that every row lies inside the file."""
+        info = self.tensors[name]
+        rows = math.prod(info.shape[:-1])
+        start = self._data.ctypes.data + info.offset
+        return torch.arange(rows, dtype=torch.int64).mul_(info.n_bytes // max(rows, 1)).add_(start)
+
     def release(self, name: str) -> None:
         """Let the OS drop tensor `name`'s pages of the map from memory (read back if used again):
         a loader that has copied a tensor out does not keep the file resident beside the model."""

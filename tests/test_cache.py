@@ -187,3 +187,53 @@ def test_wrong_attention_mask_shape_is_an_error(shape):
     model = make_model("tiny-llama")
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, past \+ seq_len\] = \(1, 6\)"):
         model(random_ids(VOCAB, 1, 6, seed=1, low=0), attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("tiny-llama", {}),
+        ("tiny-gpt2", {}),
+        ("tiny-mistral", {"sliding_window": 6}),
+        ("tiny-llama", {"position": "alibi"}),
+    ],
+)
+def test_per_row_slots_equal_the_full_forward(preset, overrides):
+    """A static cache written at input_pos [B, 1]: each row decodes at its own position (rows
+    prefilled to different lengths through `row_view`), and its logits are the full forward's."""
+    from qkv import KVCache
+
+    model = tiny_model(preset, **overrides)
+    ids = random_ids(512, 3, 20, seed=1, low=0)
+    lengths = [5, 9, 12]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(model.config, 3, 32, static=True)
+        for row, n in enumerate(lengths):
+            model(ids[row : row + 1, :n], cache=cache.row_view(row, 16), input_pos=torch.arange(n))
+        pos = torch.tensor(lengths)
+        rows = torch.arange(3)
+        for _ in range(6):
+            out = model(ids[rows, pos][:, None], cache=cache, input_pos=pos[:, None]).logits[:, 0]
+            assert (out - full[rows, pos]).abs().max().item() <= 1e-5
+            pos = pos + 1
+
+
+def test_row_view_shares_storage_and_checks_its_bounds():
+    model = tiny_model("tiny-llama")
+    cache = model.new_cache(2, 16, static=True)
+    view = cache.row_view(1, 8)
+    assert view.batch_size == 1 and view.max_len == 8
+    view.k[0].fill_(1.0)
+    assert cache.k[0][1, :, :8].eq(1).all() and cache.k[0][0].eq(0).all() and cache.k[0][1, :, 8:].eq(0).all()
+    with pytest.raises(ValueError, match="outside the cache's 2 rows x 16 slots"):
+        cache.row_view(2)
+    with pytest.raises(ValueError, match="static"):
+        model.new_cache(1, 8).row_view(0)
+
+
+def test_per_row_query_slots_need_a_static_mask():
+    from qkv.nn.mask import build_attention_mask
+
+    with pytest.raises(ValueError, match="static=True"):
+        build_attention_mask(torch.zeros(2, 1, dtype=torch.long), torch.arange(4), causal=True)

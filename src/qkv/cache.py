@@ -60,6 +60,8 @@ class KVCache:
         The key slots are the absolute positions of the keys that `update` will return. A static
         cache attends over all of its slots (the causal mask hides the unwritten ones) and writes
         at `input_pos` [T], which the caller passes as a tensor so the step's shapes never change.
+        `input_pos` [B, T] gives each row its own slots (a slot cache serving one request per row,
+        `qkv.serve`); the query slots are then [B, T] too.
         """
         device = self.k[0].device
         if self.static:
@@ -78,8 +80,13 @@ class KVCache:
         keys/values to attend to."""
         T = k.shape[2]
         if self.static:
-            self.k[layer].index_copy_(2, input_pos, k)
-            self.v[layer].index_copy_(2, input_pos, v)
+            if input_pos.dim() == 2:  # per row: row b writes its T tokens at input_pos[b]
+                idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, KV, T, hd)
+                self.k[layer].scatter_(2, idx, k)
+                self.v[layer].scatter_(2, idx, v)
+            else:
+                self.k[layer].index_copy_(2, input_pos, k)
+                self.v[layer].index_copy_(2, input_pos, v)
             return self.k[layer], self.v[layer]
         if self.pos + T > self.max_len:
             raise ValueError(
@@ -97,6 +104,26 @@ class KVCache:
         kb.index_copy_(2, idx, k[:, :, T - keep :])
         vb.index_copy_(2, idx, v[:, :, T - keep :])
         return k_all, v_all
+
+    def row_view(self, row: int, length: int | None = None) -> KVCache:
+        """A static cache over row `row` and its first `length` slots (default: all), sharing this
+        cache's storage: a forward through it (batch 1, input_pos [T]) writes into that row only and
+        attends over `length` slots, not all of them (the chunked prefill of one slot of a
+        `qkv.serve` engine while the other rows decode)."""
+        if not self.static:
+            raise ValueError("row_view needs a static KVCache (static=True)")
+        length = self.max_len if length is None else length
+        if not 0 < length <= self.max_len or not 0 <= row < self.batch_size:
+            raise ValueError(
+                f"row_view({row}, {length}) is outside the cache's {self.batch_size} rows x {self.max_len} slots"
+            )
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k = [k[row : row + 1, :, :length] for k in self.k]
+        view.v = [v[row : row + 1, :, :length] for v in self.v]
+        view.max_len = length
+        view.cross_kv = {}
+        return view
 
     def advance(self, n_new: int) -> None:
         """Mark `n_new` slots as written (called once per forward, after every layer updated)."""

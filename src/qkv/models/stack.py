@@ -172,10 +172,11 @@ class TransformerStack(nn.Module):
 
         attention_mask: [B, past + T] of 1/0 (0 = padding); position_ids: [B, T] (default: the
         query slots); cache: a `KVCache`, advanced in place; input_pos: [T] slots to write in a
-        static cache; token_type_ids: [B, T] segment ids (BERT); context [B, S, D] and
-        context_mask [B, S]: what cross-attention reads (default: the cache's, see
-        `KVCache.set_context`); inputs_embeds [B, T, D]: inputs embedded already (ViT's patches),
-        in place of input_ids. Inside a compiled graph the checks
+        static cache, or [B, T] to give each row its own slots (a slot cache, `qkv.serve`);
+        token_type_ids: [B, T] segment ids (BERT); context [B, S, D] and context_mask [B, S]: what
+        cross-attention reads (default: the cache's, see `KVCache.set_context`); inputs_embeds
+        [B, T, D]: inputs embedded already (ViT's patches), in place of input_ids. Inside a
+        compiled graph the checks
         that read tensor values are skipped (they would break the graph); the eager prefill before it
         has checked the prompt.
         """
@@ -184,6 +185,8 @@ class TransformerStack(nn.Module):
         B, T = inputs_embeds.shape[:2] if inputs_embeds is not None else input_ids.shape
         device = inputs_embeds.device if inputs_embeds is not None else input_ids.device
         static = cache is not None and cache.static
+        if input_pos is not None and input_pos.dim() == 2 and self.relative_bias is not None:
+            raise ValueError("per-row input_pos [B, T] is not supported with T5 relative position buckets")
         q_slots, k_slots = cache.slots(T, input_pos) if cache is not None else (torch.arange(T, device=device),) * 2
         cfg = self.config
         if position_ids is None and cfg.positions_skip_padding:

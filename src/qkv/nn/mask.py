@@ -38,13 +38,18 @@ def build_attention_mask(
 ) -> AttentionMask:
     """Combine causal, padding, sliding-window masks and a position bias into one `AttentionMask`.
 
-    q_slots: [T] and k_slots: [S] absolute positions (-1 marks an empty key slot).
+    q_slots: [T] and k_slots: [S] absolute positions (-1 marks an empty key slot); q_slots [B, T]
+    gives each row its own query slots (a static slot cache, one request per row), and needs static.
     attention_mask: [B, L] of 1 (attend) / 0 (padding) over absolute slots, L > max(k_slots).
     window: a query at slot i sees keys j with i - window < j <= i (HF/Mistral convention).
     position_bias: additive [B|1, H, T, S] (ALiBi, T5 relative buckets).
     static: always build the dense bias, reading no tensor values to choose a shortcut, so the
     result has the same shape at every decode step (the compiled, static-cache path).
     """
+    if q_slots.dim() == 2:
+        if not static:
+            raise ValueError("per-row query slots q_slots [B, T] need static=True (a static slot cache)")
+        return _per_row_mask(q_slots, k_slots, causal, attention_mask, window, position_bias, dtype)
     T, S = q_slots.numel(), k_slots.numel()
     if static:
         padded = attention_mask is not None
@@ -77,7 +82,39 @@ def build_attention_mask(
     return AttentionMask(bias)
 
 
+def _per_row_mask(
+    q_slots: torch.Tensor,
+    k_slots: torch.Tensor,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    window: int | None,
+    position_bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> AttentionMask:
+    """`build_attention_mask` for query slots [B, T] (row b's queries sit at q_slots[b]): a dense
+    bias [B, 1, T, S], read from no tensor values, so a compiled step captures it once."""
+    q = q_slots[:, :, None]  # (B, T, 1)
+    k = k_slots[None, None, :]  # (1, 1, S)
+    allowed = (k >= 0).expand(q.shape[0], q.shape[1], k.shape[-1])
+    if causal:
+        allowed = allowed & (k <= q)
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    allowed = allowed[:, None]  # (B, 1, T, S)
+    if attention_mask is not None:
+        keep = attention_mask.bool().gather(1, k_slots.clamp(min=0)[None, :].expand(attention_mask.shape[0], -1))
+        allowed = allowed & keep[:, None, None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_slots.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)
+    return AttentionMask(bias)
+
+
 def alibi_bias(slopes: torch.Tensor, q_slots: torch.Tensor, k_slots: torch.Tensor) -> torch.Tensor:
-    """ALiBi (Press et al. 2022): -slope_h * (i - j), as an additive bias [1, H, T, S]."""
+    """ALiBi (Press et al. 2022): -slope_h * (i - j), as an additive bias [1, H, T, S] (q_slots [T])
+    or [B, H, T, S] (per-row q_slots [B, T])."""
+    if q_slots.dim() == 2:
+        distance = (q_slots[:, :, None] - k_slots[None, None, :]).clamp(min=0).float()  # (B, T, S)
+        return -(slopes[None, :, None, None] * distance[:, None])
     distance = (q_slots[:, None] - k_slots[None, :]).clamp(min=0).float()
     return -(slopes[:, None, None] * distance)[None]

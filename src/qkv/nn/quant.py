@@ -67,7 +67,9 @@ TWIN_ROWS = int(os.environ.get("QKV_QUANT_TWIN_ROWS", "8"))
 # (`qkv/kernels/int4_matmul.c`: the weight decoded once for up to 6 rows, bfloat16 dot products)
 # instead of torch's, which decodes it again for every 4 rows and does float32 FMAs. With fewer
 # rows both read the same bytes, and the operator's Python dispatch in a compiled graph eats the
-# small gain; benchmarks/int4_matmul.py prints both kernels by row count and shape.
+# small gain; benchmarks/int4_matmul.py prints both kernels by row count and shape. Group-wise int8
+# (a two-halves int4 weight: the head) takes qkv's kernel at every row count: it reads x twice by
+# itself, where torch's kernel needs [x | x] built first.
 INT4_MATMUL_ROWS = int(os.environ.get("QKV_INT4_MATMUL_ROWS", "4"))
 _INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 _INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
@@ -429,10 +431,10 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(rows, self.in_features)
         if kernel[0] == "int8":
             y = torch._weight_int8pack_mm(x2, kernel[1], kernel[2])
-        elif rows >= INT4_MATMUL_ROWS and x.dtype == torch.bfloat16 and _native_int4_matmul():
+        elif (rows >= INT4_MATMUL_ROWS or kernel[4]) and x.dtype == torch.bfloat16 and _native_int4_matmul():
             from qkv.kernels import ops  # lazily: registering its operators imports dynamo
 
-            _, packed, group, scales_and_zeros, _ = kernel  # a doubled weight reads x twice by itself
+            _, packed, group, scales_and_zeros, _ = kernel  # a doubled weight: the kernel reads x twice itself
             matmul = ops.int4_matmul if torch.compiler.is_compiling() else ops.int4_matmul_eager
             y = matmul(x2, packed, group, scales_and_zeros)
         else:

@@ -86,6 +86,7 @@ def test_packed_quantized_model_compiles_by_default_and_equals_eager(monkeypatch
     from qkv.nn.quant import quantize_model
 
     monkeypatch.delenv("QKV_COMPILE", raising=False)
+    monkeypatch.setenv("QKV_AOT", "0")  # torch.compile's step (the ahead-of-time one: test_aot_step.py)
     model = quantize_model(tiny_model("tiny-llama", d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), "int4")
     model.to(torch.bfloat16)
     ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(4))

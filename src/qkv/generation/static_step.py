@@ -6,10 +6,13 @@ Python-side position: inductor captures it once per model, batch size and cache 
 
 Compiling is automatic for models with packed quantized weights (`qkv.nn.quant`), where it is
 worth most: their eager step spends more time in per-op overhead than in the 4-bit matmuls
-(`auto_compile` says when). Compiled artifacts are cached on disk under `$QKV_HOME/compile`
-(inductor's FX graph and AOTAutograd caches), so only the first process on a machine pays the
-full compile; later processes re-trace the model and reuse them. Dense models compile only on
-request (`compile=True`), with inductor's freezing, which prepacks their weights for oneDNN.
+(`auto_compile` says when). Their step is compiled ahead of time (`qkv.generation.aot_step`):
+exported once per shape, compiled by AOTInductor into a package under `$QKV_HOME/compile/aoti`,
+and loaded by later processes without tracing. Where that fails, or with `QKV_AOT=0`, they take
+`torch.compile` with inductor's C++ wrapper, whose artifacts are cached under `$QKV_HOME/compile`
+(inductor's FX graph and AOTAutograd caches); later processes re-trace the model with dynamo and
+reuse them. Dense models compile only on request (`compile=True`), with `torch.compile` and
+inductor's freezing, which prepacks their weights for oneDNN.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +129,9 @@ def static_cache_len(needed: int, limit: int | None) -> int:
     return size if limit is None else max(needed, min(size, limit))
 
 
+_AOT_FAILURES: set[str] = set()  # reasons already reported
+
+
 class StaticStep:
     """Runs a model's static-shape step; `compile=True` goes through the compiled graph."""
 
@@ -138,6 +145,24 @@ class StaticStep:
             from qkv.nn.quant import prepare_model
 
             prepare_model(model)  # the graph reads each layer's packed form as it is
+        # Packed models take the ahead-of-time step (`qkv.generation.aot_step`) unless $QKV_AOT=0.
+        self.aot = compile and not self.freeze and os.environ.get("QKV_AOT", "1") != "0"
+        self._aot: tuple[KVCache, Callable | None] | None = None  # (the cache it runs on, the step)
+
+    def _load_aot(self, cache: KVCache, inputs: list[torch.Tensor]) -> Callable | None:
+        """The ahead-of-time step for these inputs, or None (then `torch.compile`'s step runs, and
+        why is said once per reason)."""
+        from qkv.generation.aot_step import aot_step
+
+        try:
+            return aot_step(self.model, cache, inputs)
+        except Exception as exc:  # export and AOTInductor raise many kinds; each means "use torch.compile"
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if reason not in _AOT_FAILURES:
+                _AOT_FAILURES.add(reason)
+                message = f"qkv: the ahead-of-time decode step is unavailable ({reason}); using torch.compile"
+                warnings.warn(message, stacklevel=3)
+            return None
 
     def new_cache(self, batch_size: int, needed: int) -> KVCache:
         """A static cache with room for `needed` slots (rounded up, see `static_cache_len`)."""
@@ -154,6 +179,12 @@ class StaticStep:
         input_pos = torch.tensor([position], device=token.device)
         if not self.compile:
             return static_logits(self.model, token[:, None], input_pos, cache)[:, -1]
+        if self.aot:
+            inputs = [token[:, None].contiguous(), input_pos, *cache.k, *cache.v]
+            if self._aot is None or self._aot[0] is not cache:
+                self._aot = (cache, self._load_aot(cache, inputs))
+            if self._aot[1] is not None:
+                return self._aot[1](inputs)[:, -1]
         import torch._inductor.config as inductor_config
 
         # Freezing is a global inductor setting; patch it only around our own graphs. Packed models

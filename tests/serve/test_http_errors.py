@@ -182,3 +182,23 @@ def test_a_full_queue_is_429_with_retry_after(tiny_queue_server):
         if r.status_code == 429:
             assert_error(r, 429, None, "queue is full")
             assert int(r.headers["retry-after"]) >= 1
+
+
+def test_a_full_worker_queue_is_429(chat_checkpoint, tiny_encoder, tiny_seq2seq):
+    from qkv.serve.app import create_app
+
+    models = build_models(chat_checkpoint, tiny_encoder, tiny_seq2seq)
+    models["bert"].max_pending = 0  # as if the encoder's worker had a full queue
+    models["t5"].max_pending = 0
+    with running(create_app(models)) as url:
+        for endpoint, body in (
+            ("embeddings", {"model": "bert", "input": "x"}),
+            ("completions", {"model": "t5", "prompt": "x"}),
+        ):
+            r = httpx.post(f"{url}/v1/{endpoint}", json=body)
+            assert_error(r, 429, None, "queue is full")
+            assert r.headers["retry-after"] == "1"
+        assert (
+            httpx.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "x", "max_tokens": 1}).status_code
+            == 200
+        )

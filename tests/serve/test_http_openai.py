@@ -250,3 +250,12 @@ def test_embeddings_equal_the_library(client, models, encoding_format):
     torch.testing.assert_close(vectors(by_ids.data), ref[:2], atol=1e-5, rtol=1e-5)
     single = client.embeddings.create(model="bert", input=ids[0], encoding_format=encoding_format)
     torch.testing.assert_close(vectors(single.data)[0], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_logprob_bytes_are_the_tokens_own_bytes(models):
+    """A token may hold part of a UTF-8 character: its bytes, not its decoded text, add up to the text."""
+    served = models["chat"]
+    text = "naïve café ✓ 日本"
+    ids = served.tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(served.token_bytes(t) for t in ids) == text.encode("utf-8")
+    assert any(served.tokenizer.decode([t]).encode() != served.token_bytes(t) for t in ids)  # split characters

@@ -26,7 +26,7 @@ from qkv.errors import QkvError, UsageError
 from qkv.generation.constrained import response_format_schema
 from qkv.generation.options import GenerationConfig
 from qkv.serve import schemas as s
-from qkv.serve.errors import APIError, bad_request, error_body, install
+from qkv.serve.errors import APIError, bad_request, error_body, install, queue_full
 from qkv.serve.metrics import Metrics
 from qkv.serve.models import ServedModel, embed_ids, embed_texts
 from qkv.serve.runs import Choice, Piece, collect, finish_reason, stream_engine, stream_worker, submit_all
@@ -229,8 +229,7 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
 
     def chat_logprobs(served: ServedModel, records: list) -> s.ChoiceLogprobs:
         def entry(token: int, lp: float) -> dict[str, Any]:
-            text = token_text(served, token)
-            return {"token": text, "bytes": list(text.encode("utf-8")), "logprob": lp}
+            return {"token": token_text(served, token), "bytes": list(served.token_bytes(token)), "logprob": lp}
 
         return s.ChoiceLogprobs(content=[
             s.TokenLogprob(**entry(t, lp), top_logprobs=[s.TopLogprob(**entry(i, v)) for i, v in top or []])
@@ -427,6 +426,8 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
             if beams > 1 and body.temperature is None:
                 config = replace(config, temperature=0.0)  # deterministic beams unless asked to sample
             configs.append(config)
+        if worker and served.busy:
+            raise queue_full(1.0)
         started = track(served.name)
         n = body.n
         try:
@@ -524,6 +525,8 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
     @app.post("/v1/embeddings", response_model=s.EmbeddingList, responses=ERRORS)
     async def embeddings(body: s.EmbeddingRequest) -> s.EmbeddingList:
         served = pick(body.model, "embeddings")
+        if served.busy:
+            raise queue_full(1.0)
         raw = body.input
         started = track(served.name)
         try:

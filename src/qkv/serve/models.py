@@ -39,7 +39,10 @@ class ServedModel:
     engine: Any = None  # qkv.serve.engine.Engine for a decoder
     context: int | None = None  # the longest prompt + completion (a decoder's slot length)
     created: int = 0
+    max_pending: int = 64  # worker calls waiting or running beyond which `busy` is true (429)
     _worker: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _pending: int = field(default=0, repr=False)
+    _token_bytes: list[bytes] | None = field(default=None, repr=False)
 
     @property
     def kind(self) -> str:
@@ -65,12 +68,36 @@ class ServedModel:
             self._worker.shutdown(wait=True, cancel_futures=True)
             self._worker = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether the worker's queue is full: a new call would wait without bound."""
+        return self._pending >= self.max_pending
+
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` on this model's worker thread (one call at a time)."""
         if self._worker is None:
             raise RuntimeError(f"model {self.name!r} is not started")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+        self._pending += 1  # only the event loop's thread counts, so no lock
+        try:
+            return await loop.run_in_executor(self._worker, lambda: fn(*args, **kwargs))
+        finally:
+            self._pending -= 1
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token id `token` stands for (what OpenAI's logprobs report as `bytes`): exact
+        for byte-level BPE and SentencePiece vocabularies, else the UTF-8 of its decoded text."""
+        if self._token_bytes is None:
+            from qkv.generation.constrained import SPECIAL_MARKER, token_bytes
+
+            try:
+                table = token_bytes(self.tokenizer)
+                self._token_bytes = [b.removeprefix(SPECIAL_MARKER) for b in table]
+            except Exception:  # a vocabulary kind the table does not know (WordPiece, ...)
+                self._token_bytes = []
+        if 0 <= token < len(self._token_bytes):
+            return self._token_bytes[token]
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
 def served_model(

@@ -9,8 +9,6 @@ encoders embed there too. Errors have OpenAI's shape (`qkv.serve.errors`).
 from __future__ import annotations
 
 import base64
-import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse
 
 from qkv.errors import QkvError, UsageError
 from qkv.generation.constrained import response_format_schema
@@ -30,6 +28,7 @@ from qkv.serve.errors import APIError, bad_request, error_body, install, queue_f
 from qkv.serve.metrics import Metrics
 from qkv.serve.models import ServedModel, embed_ids, embed_texts
 from qkv.serve.runs import Choice, Piece, collect, finish_reason, stream_engine, stream_worker, submit_all
+from qkv.serve.transport import EventStream, Gate, sse
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 128  # prompts x n in one /v1/completions request
@@ -45,92 +44,6 @@ class ServeOptions:
     shutdown_grace_seconds: float = 5.0  # Ctrl-C lets in-flight requests finish this long, then aborts
 
 
-# -- the gate: API key and body size, before the body is read ---------------------------------------
-class Gate:
-    """ASGI middleware: 401 without the API key on /v1/*, 413 for a body over the cap (by its
-    Content-Length, or counted as it arrives when chunked), with OpenAI-shaped errors."""
-
-    def __init__(self, app: Any, options: ServeOptions, metrics: Metrics) -> None:
-        self.app = app
-        self.options = options
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-
-        async def counting(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.response(endpoint, message["status"])
-            await send(message)
-
-        await self._gate(scope, receive, counting)
-
-    async def _gate(self, scope: dict, receive: Any, send: Any) -> None:
-        headers = dict(scope.get("headers") or [])
-        key = self.options.api_key
-        if key is not None and scope["path"].startswith("/v1"):
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not given.startswith("Bearer "):
-                return await _reply(send, APIError(401, "missing API key: send 'Authorization: Bearer KEY'",
-                                                   code="invalid_api_key"))  # fmt: skip
-            if not hmac.compare_digest(given[len("Bearer ") :].encode(), key.encode()):
-                return await _reply(send, APIError(401, "incorrect API key provided", code="invalid_api_key"))
-        cap = self.options.max_body_bytes
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > cap:
-            return await _reply(send, too_large(cap))
-        seen, refused = 0, False
-
-        async def counted() -> dict:
-            nonlocal seen, refused
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > cap and not refused:
-                    refused = True  # answer now; to the app the client has gone
-                    await _reply(send, too_large(cap))
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded(message: dict) -> None:
-            if not refused:  # after a 413 the app's own answer (to a "disconnect") goes nowhere
-                await send(message)
-
-        await self.app(scope, counted, guarded)
-
-
-def too_large(cap: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server's limit of {cap} bytes", code="body_too_large")
-
-
-async def _reply(send: Any, error: APIError) -> None:
-    body = json.dumps(error_body(error.status, error.message, error.param, error.code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events whose generator is closed however the response ends (a client gone
-    mid-stream included), so the work behind it is aborted at once."""
-
-    def __init__(self, content: AsyncIterator[str]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-
-
-def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-ENDPOINTS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/health", "/metrics")
 ERRORS = {status: {"model": s.ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 STREAMABLE = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
@@ -151,7 +64,7 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
                 served.stop(abort=True)
 
     app = FastAPI(title="qkv", version="1", lifespan=lifespan, summary="OpenAI-compatible API over qkv models")
-    app.add_middleware(Gate, options=options, metrics=metrics)
+    app.add_middleware(Gate, api_key=options.api_key, max_body_bytes=options.max_body_bytes, metrics=metrics)
     install(app)
     app.state.models = models
     app.state.metrics = metrics

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,17 @@ def build_package(model: torch.nn.Module, cache: KVCache, inputs: list[torch.Ten
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(cache.k)
     args = (inputs[0], inputs[1], tuple(inputs[2 : 2 + n]), tuple(inputs[2 + n :]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")  # torch's own pickling
+        constants, operators = _compile(model, cache, args, path)
+    atomic_write_text(
+        path.with_suffix(".json"),
+        json.dumps({"format": FORMAT, "operators": operators, "constants": constants}, indent=1),
+    )
+
+
+def _compile(model: torch.nn.Module, cache: KVCache, args: tuple, path: Path) -> tuple[dict, list[str]]:
+    """Export, compile and package into `path`; -> (the side-car's constants, qkv operators called)."""
     with torch.no_grad():
         program = torch.export.export(_ExportedStep(model, cache), args, strict=False)
     from torch._inductor import aoti_compile_and_package
@@ -188,10 +200,7 @@ def build_package(model: torch.nn.Module, cache: KVCache, inputs: list[torch.Ten
     finally:
         undo()
         tmp.unlink(missing_ok=True)
-    atomic_write_text(
-        path.with_suffix(".json"),
-        json.dumps({"format": FORMAT, "operators": operators, "constants": constants}, indent=1),
-    )
+    return constants, operators
 
 
 class AotStep:

@@ -81,9 +81,11 @@ class KVCache:
         T = k.shape[2]
         if self.static:
             if input_pos.dim() == 2:  # per row: row b writes its T tokens at input_pos[b]
-                idx = input_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # (B, KV, T, hd)
-                self.k[layer].scatter_(2, idx, k)
-                self.v[layer].scatter_(2, idx, v)
+                # index_put_, not scatter_: inductor writes it in place, where a compiled scatter_
+                # copied the whole buffer every step (51 ms against 0.03 ms for 4 layers' worth).
+                rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+                self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # indexed as (B, T, KV, hd)
+                self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
             else:
                 self.k[layer].index_copy_(2, input_pos, k)
                 self.v[layer].index_copy_(2, input_pos, v)

@@ -259,3 +259,23 @@ def test_logprob_bytes_are_the_tokens_own_bytes(models):
     ids = served.tokenizer.encode(text, add_special_tokens=False)
     assert b"".join(served.token_bytes(t) for t in ids) == text.encode("utf-8")
     assert any(served.tokenizer.decode([t]).encode() != served.token_bytes(t) for t in ids)  # split characters
+
+
+def test_streams_of_several_choices_interleave_by_index(client):
+    kwargs = {"model": "chat", "messages": MESSAGES, "n": 3, "seed": 3, "max_tokens": 8}
+    whole = client.chat.completions.create(**kwargs)
+    texts = ["", "", ""]
+    finished = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert texts == [c.message.content for c in whole.choices] and sorted(finished) == [0, 1, 2]
+    prompts = ["the quick brown", "hello"]
+    plain = client.completions.create(model="chat", prompt=prompts, n=2, seed=5, max_tokens=6)
+    streamed = ["" for _ in range(4)]
+    for chunk in client.completions.create(model="chat", prompt=prompts, n=2, seed=5, max_tokens=6, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in plain.choices]

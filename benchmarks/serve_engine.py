@@ -6,7 +6,10 @@ one at a time through `generate()`, on SmolLM2-135M-Instruct's Q4_1 GGUF (packed
 Each side is warmed up first (the compiled steps are built, or loaded from the compile cache,
 before the clock starts). Every stream is a different chat prompt and generates until EOS or
 --tokens; both sides generate the same tokens (greedy; checked), so aggregate tok/s = all
-generated tokens / wall time. Prints both, and the ratio engine / one at a time.
+generated tokens / wall time. Prints both, and the ratio engine / one at a time, and how many
+streams gave generate()'s tokens exactly: in bfloat16 a batch of 16 rounds differently from a
+batch of 1 (other kernels, another summation order), so a near-tied greedy pick can go the other
+way and the stream continues differently from there (in float32 they match: tests/serve).
 """
 
 from __future__ import annotations

@@ -396,6 +396,12 @@ class Engine:
         for i, row in enumerate(self.rows):
             if row is not None and row.handle.aborted:
                 self._finish(i, "abort")
+        with self._lock:  # aborted while waiting: answered now, not when a row frees up
+            gone = [handle for handle in self.queue if handle.aborted]
+            if gone:
+                self.queue = deque(handle for handle in self.queue if not handle.aborted)
+        for handle in gone:
+            self._finish_unstarted(handle, "abort")
         self._admit()
         self._prefill()
         if any(row is not None and row.decoding for row in self.rows):

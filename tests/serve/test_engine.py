@@ -336,22 +336,26 @@ def test_encoder_decoders_are_refused():
         Engine(EncoderDecoder(ModelConfig.from_name("tiny-t5")).eval(), None)
 
 
-def test_packed_quantized_model_through_the_compiled_step(monkeypatch):
-    """A packed int4 bfloat16 model decodes through the compiled [max_batch, 1] step (auto), each
-    request giving the tokens generate() gives alone."""
+@pytest.mark.parametrize("compile", [False, pytest.param(None, marks=pytest.mark.slow)])
+def test_packed_quantized_model_through_the_compiled_step(monkeypatch, compile):
+    """A packed int4 bfloat16 model decodes through the compiled [max_batch, 1] step (compile=None
+    picks it: ~20-30 s to compile on 2 cores, so marked slow) or eagerly (the C attention kernel
+    from batch 4 on); each request gives the tokens generate() gives alone."""
     from qkv.generation import static_step
     from qkv.nn.quant import quantize_model
 
     monkeypatch.delenv("QKV_COMPILE", raising=False)
     model = quantize_model(tiny_model("tiny-llama", d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), "int4")
     model.to(torch.bfloat16)
-    engine = Engine(model, None, EngineOptions(max_batch=4, max_context=64, prefill_chunk=16))
-    assert engine.compile
+    engine = Engine(model, None, EngineOptions(max_batch=4, max_context=64, prefill_chunk=16, compile=compile))
+    assert engine.compile == (compile is None)
+    assert engine.warmup() > 0 and (model in static_step._COMPILED) == engine.compile
     engine.start()
+    with pytest.raises(UsageError, match="before start"):
+        engine.warmup()
     try:
         handles = [engine.submit(Request(prompt(n), GenerationConfig(max_new_tokens=12))) for n in (6, 20, 9)]
         got = [token_ids(h) for h in handles]
     finally:
         engine.stop()
-    assert model in static_step._COMPILED
-    assert got == [alone(model, prompt(n), 12) for n in (6, 20, 9)]
+    assert got == [alone(model, prompt(n), 12, compile=engine.compile) for n in (6, 20, 9)]

@@ -283,6 +283,17 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="qkv-engine", daemon=True)
         self._thread.start()
 
+    def warmup(self) -> float:
+        """Run the decode step once before `start` (compiling it when the engine compiles: about a
+        minute on 2 cores the first time, seconds once the compile cache holds it), so the first
+        requests do not wait for it; return the seconds it took. Free rows only get garbage."""
+        if self._thread is not None:
+            raise UsageError("warmup() runs before start(), while no request holds a row")
+        begin = time.perf_counter()
+        with torch.no_grad():
+            self._step()
+        return time.perf_counter() - begin
+
     def stop(self, abort: bool = True, timeout: float = 10.0) -> None:
         """Stop the scheduler: abort in-flight requests (abort=True), or let them finish first
         (abort=False; those still running after `timeout` s are aborted). Joins the thread."""

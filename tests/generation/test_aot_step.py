@@ -201,6 +201,29 @@ def test_aot_step_with_qkv_operators_at_batch_4(cache_dir):
 
 
 @pytest.mark.slow
+def test_per_row_positions_through_the_aot_step_equal_the_eager_step(cache_dir):
+    """input_pos [B, 1]: each row writes and attends at its own slot (a `qkv.serve` slot cache)."""
+    model = packed_tiny()
+    eager, compiled = static_step.StaticStep(model), static_step.StaticStep(model, compile=True)
+    caches = [compiled.new_cache(2, 20) for _ in range(2)]
+    gen = torch.Generator().manual_seed(8)
+    for ks in zip(*(c.k + c.v for c in caches)):
+        noise = torch.randn(ks[0].shape, generator=gen)
+        for k in ks:
+            k.copy_(noise)
+    ids = torch.randint(0, 512, (2, 1), generator=gen)
+    for positions in ([[5], [9]], [[6], [10]]):
+        input_pos = torch.tensor(positions)
+        with torch.no_grad():
+            expected = eager.logits(ids, input_pos, caches[0])
+            got = compiled.logits(ids, input_pos, caches[1])
+        assert isinstance(compiled._aot[2], aot_step.AotStep)
+        assert (got.float() - expected.float()).abs().max().item() < 0.03
+        for ours, ref in zip(caches[1].k, caches[0].k):
+            assert (ours.float() - ref.float()).abs().max().item() < 0.03
+
+
+@pytest.mark.slow
 def test_smollm2_greedy_tokens_through_the_aot_step_equal_the_eager_static_step(cache_dir):
     import qkv
 

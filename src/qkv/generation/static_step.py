@@ -147,7 +147,7 @@ class StaticStep:
             prepare_model(model)  # the graph reads each layer's packed form as it is
         # Packed models take the ahead-of-time step (`qkv.generation.aot_step`) unless $QKV_AOT=0.
         self.aot = compile and not self.freeze and os.environ.get("QKV_AOT", "1") != "0"
-        self._aot: tuple[KVCache, Callable | None] | None = None  # (the cache it runs on, the step)
+        self._aot: tuple[KVCache, tuple, Callable | None] | None = None  # (cache, input shapes, step)
 
     def _load_aot(self, cache: KVCache, inputs: list[torch.Tensor]) -> Callable | None:
         """The ahead-of-time step for these inputs, or None (then `torch.compile`'s step runs, and
@@ -176,19 +176,25 @@ class StaticStep:
 
     def step(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """Feed token [B] at slot `position`; return logits [B, V]."""
-        input_pos = torch.tensor([position], device=token.device)
+        return self.logits(token[:, None], torch.tensor([position], device=token.device), cache)[:, -1]
+
+    def logits(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, T, V] of input_ids [B, T] written at slots input_pos ([T], or [B, T]: each row
+        its own) of a static cache, through this runner's step: eager, ahead-of-time compiled, or
+        `torch.compile`d. Each new shape compiles once."""
         if not self.compile:
-            return static_logits(self.model, token[:, None], input_pos, cache)[:, -1]
+            return static_logits(self.model, input_ids, input_pos, cache)
         if self.aot:
-            inputs = [token[:, None].contiguous(), input_pos, *cache.k, *cache.v]
-            if self._aot is None or self._aot[0] is not cache:
-                self._aot = (cache, self._load_aot(cache, inputs))
-            if self._aot[1] is not None:
-                return self._aot[1](inputs)[:, -1]
+            inputs = [input_ids.contiguous(), input_pos.contiguous(), *cache.k, *cache.v]
+            shapes = (tuple(input_ids.shape), tuple(input_pos.shape))
+            if self._aot is None or self._aot[0] is not cache or self._aot[1] != shapes:
+                self._aot = (cache, shapes, self._load_aot(cache, inputs))
+            if self._aot[2] is not None:
+                return self._aot[2](inputs)
         import torch._inductor.config as inductor_config
 
         # Freezing is a global inductor setting; patch it only around our own graphs. Packed models
         # get the C++ wrapper, which drops the Python between kernels (SmolLM2: 6.6 -> 6.2 ms a
         # step, measured when it came in; the first compile takes longer, ~60-70 s against ~45).
         with inductor_config.patch(freezing=self.freeze, cpp_wrapper=not self.freeze):
-            return compiled_step(self.model)(self.model, token[:, None], input_pos, cache)[:, -1]
+            return compiled_step(self.model)(self.model, input_ids, input_pos, cache)

@@ -1,6 +1,6 @@
 """Packed int4 products by row count: torch's kernel vs qkv's (`qkv/kernels/int4_matmul.c`).
 
-    python benchmarks/int4_matmul.py [ROWS ...]   (default rows: 1 4 16)
+    python benchmarks/int4_matmul.py [--cold] [ROWS ...]   (default rows: 1 4 16)
 
 For SmolLM2-135M's layer shapes (in -> out; the fused q/k/v and gate/up layers qkv loads, the
 unfused ones, and the 576 -> 49152 head as group-wise int8, which runs as two int4 halves over
@@ -12,10 +12,15 @@ unfused ones, and the 576 -> 49152 head as group-wise int8, which runs as two in
 - and of a dense bfloat16 matmul of the same weight ("dense", what 32 rows or more use),
 with the ratios torch / qkv and torch / qkv op (above 1: qkv's kernel is faster).
 `INT4_MATMUL_ROWS` in `qkv/nn/quant.py` is read off this table. Both kernels run on torch's threads.
+
+--cold: the packed weights come from memory, as in a model (whose layers do not fit the caches):
+each timed call runs the product over distinct copies of the layer (64 MB of them, at least two),
+and the time is per product. The dense column stays one weight, in cache.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -46,12 +51,16 @@ def layer(k: int, n: int, bits: int, group: int) -> QuantLinear:
     return out
 
 
-def forward_ms(lin: QuantLinear, x: torch.Tensor, native_from: int) -> tuple[float, torch.Tensor]:
-    """Best-of-30 ms of `lin(x)` with qkv's kernel taking `native_from` rows and up, and the output."""
+COLD_BYTES = 64 << 20  # --cold: copies of a layer up to this many packed bytes (beyond a last-level cache)
+
+
+def forward_ms(layers: list[QuantLinear], x: torch.Tensor, native_from: int) -> tuple[float, torch.Tensor]:
+    """Best-of-30 ms of one `layer(x)` (averaged over `layers`) with qkv's kernel taking `native_from`
+    rows and up, and the first layer's output."""
     saved = quant.INT4_MATMUL_ROWS
     try:
         quant.INT4_MATMUL_ROWS = native_from
-        return best_time(lambda: lin(x), 30) * 1e3, lin(x)
+        return best_time(lambda: [lin(x) for lin in layers], 30) * 1e3 / len(layers), layers[0](x)
     finally:
         quant.INT4_MATMUL_ROWS = saved
 
@@ -60,22 +69,30 @@ def main() -> None:
     if not ops.int4_matmul_available():
         why = kernels.unavailable("int4_matmul") or "this CPU has no AVX-512 BF16"
         raise SystemExit(f"qkv's int4 kernel is not available here: {why}")
-    rows_list = [int(r) for r in sys.argv[1:]] or [1, 4, 16]
-    print(f"threads {torch.get_num_threads()}; ms a call (best of 30)")
+    cold = "--cold" in sys.argv[1:]
+    rows_list = [int(r) for r in sys.argv[1:] if r != "--cold"] or [1, 4, 16]
+    weights = f"over copies of each layer ({COLD_BYTES >> 20} MB or two, not in cache)" if cold else "in cache"
+    print(f"threads {torch.get_num_threads()}; ms a product (best of 30), {weights}")
     header = ("torch", "qkv", "qkv op", "dense", "torch/qkv", "torch/op")
     print(f"{'shape':<24} {'rows':>4} " + " ".join(f"{h:>9}" for h in header))
     with torch.no_grad():
         for name, (k, n, bits, group) in SHAPES.items():
             lin = layer(k, n, bits, group)
-            _, packed, group, sz, _ = lin._kernel
+            copies = max(2, COLD_BYTES // (n * k // 2 + n * k // group * 4)) if cold else 1
+            layers = [lin] + [copy.deepcopy(lin) for _ in range(copies - 1)]
+            forms = [m._kernel for m in layers]
             dense = lin.dequantize(torch.bfloat16)
             for rows in rows_list:
                 x = torch.randn(rows, k).bfloat16()
-                t_torch, want = forward_ms(lin, x, 1 << 30)
-                t_qkv, got = forward_ms(lin, x, 1)
+                t_torch, want = forward_ms(layers, x, 1 << 30)
+                t_qkv, got = forward_ms(layers, x, 1)
                 if (got.float() - want.float()).abs().max() > 2**-6 * want.float().abs().max():
                     raise SystemExit(f"{name} rows {rows}: qkv's kernel disagrees with torch's")
-                t_op = best_time(lambda x=x, p=packed, g=group, s=sz: ops.int4_matmul(x, p, g, s), 30) * 1e3
+                t_op = (
+                    best_time(lambda x=x, forms=forms: [ops.int4_matmul(x, f[1], f[2], f[3]) for f in forms], 30)
+                    * 1e3
+                    / len(forms)
+                )
                 t_dense = best_time(lambda x=x, w=dense: F.linear(x, w), 30) * 1e3
                 print(
                     f"{name:<24} {rows:>4} {t_torch:>9.3f} {t_qkv:>9.3f} {t_op:>9.3f} {t_dense:>9.3f} "

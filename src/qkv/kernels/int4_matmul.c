@@ -64,6 +64,10 @@ static void rows_scalar(const uint16_t *x, int64_t ldx, int64_t kx, const uint8_
 #include <immintrin.h>
 
 #define MAX_MT 6 /* rows a tile: 2 accumulators + 2 sums per row, in 32 zmm registers */
+/* Bytes ahead of the packed rows read now to ask the cache for. In a model a layer's weights come
+   from memory once per call, at the pace of the first row tile's arithmetic, which left memory
+   latency exposed; `benchmarks/int4_matmul.py --cold` measures products over weights not in cache. */
+#define PREFETCH 2048
 
 /* One 32-column tile (16 bytes of each packed row: columns c..c+15 and c+32..c+47 of the block)
    for MT rows of x. xsum [MT][groups_x]: each row's sum of x over a group. */
@@ -80,6 +84,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *x, int64_
         const int64_t xk = (g * group) % kx;
         const uint8_t *p = col + g * group * 32;
         for (int64_t c = 0; c < group; c += 2, p += 64) {
+            _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
             /* 32-bit lane i: byte i of row c in its low half, of row c + 1 in its high half */
             const __m512i v = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)),
                                               _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 32))), 16));

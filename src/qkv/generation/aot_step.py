@@ -4,8 +4,8 @@
 cache holds the compiled code (seconds for a 30-layer model). Here the step (`static_logits`) is
 exported once with `torch.export` for one set of input shapes (batch size, cache length, position
 shape), compiled by AOTInductor into `$QKV_HOME/compile/aoti/<key>.pt2`, and later processes load
-that package through torch's C++ loader (`torch._C._aoti`): nothing is traced, and neither dynamo
-nor inductor is imported.
+that package through torch's C++ loader (`torch._C._aoti`): nothing is traced, and loading it
+imports neither dynamo nor inductor.
 
 Weights are not in the package (`aot_inductor.package_constants_in_so=False`): it holds the step's
 code for one architecture and shape, and the live model's own tensors are handed to it at load,
@@ -17,8 +17,8 @@ names, shapes and dtypes of the model's tensors (so the quantization layout), th
 the thread count (inductor's loops are built for it), the torch version, the CPU's SIMD level and
 the source of the modules that build the graph.
 
-The KV cache tensors are inputs, written in place by the step (the graph's `index_copy_`), as the
-eager step writes them.
+The KV cache tensors are inputs, written in place by the compiled step as the eager step writes
+them (tested against it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ the layout of torch's packed CPU kernels, which then is the only copy of the val
 (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) read 4 or 8 bits a weight instead of 16
 or 32: a matrix-vector product, batch-1 decoding's whole cost, is bound by how many bytes it
 reads. Group-wise int8 runs through the int4 kernel too: q = 16 hi + lo with hi in [-8, 7] and lo
-in [0, 15] is exact, and [x | x] @ [hi | lo]^T is one int4 product over 2K columns. Many rows at
+in [0, 15] is exact, and [x | x] @ [hi | lo]^T is one int4 product over 2K columns. From
+`INT4_MATMUL_ROWS` rows (and for group-wise int8 at any row count) int4 products take qkv's own
+kernel on the same packed form (`qkv::int4_matmul`, qkv/kernels/int4_matmul.c), which decodes the
+weight once for up to 6 rows where torch's decodes it again every 4 rows. Many rows at
 once (a long prompt) are compute-bound, not byte-bound: they dequantize the weight to the
 activations' dtype and take the dense oneDNN matmul. Without the kernels (an older torch,
 another device, float32 activations, training), every product is dequantize + matmul.

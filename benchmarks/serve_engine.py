@@ -52,7 +52,8 @@ def main() -> int:
     print(f"SmolLM2-135M-Instruct {path.name}; {args.streams} streams of up to {args.tokens} greedy tokens; "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
 
-    generate(model, torch.tensor([prompts[0]]), max_new_tokens=4)  # warm-up: the compiled batch-1 step
+    for ids in prompts:  # warm-up: the compiled batch-1 step, which dynamo may re-trace per prompt length
+        generate(model, torch.tensor([ids]), max_new_tokens=2)
     start = time.perf_counter()
     alone = []
     for ids in prompts:
@@ -62,10 +63,10 @@ def main() -> int:
     one_by_one = time.perf_counter() - start
 
     engine = Engine(model, tok, EngineOptions(max_batch=args.streams, max_context=args.max_context))
+    engine.warmup()  # the compiled [streams, 1] step
     engine.start()
     try:
         config = GenerationConfig(max_new_tokens=args.tokens)
-        list(engine.submit(Request(prompts[0], GenerationConfig(max_new_tokens=4))).events())  # warm-up
         results: list[list[int]] = [[] for _ in prompts]
 
         def consume(i: int, handle) -> None:
@@ -79,7 +80,8 @@ def main() -> int:
         for t in threads:
             t.join()
         batched = time.perf_counter() - start
-        steps = engine.stats().step_seconds
+        stats = engine.stats()
+        steps, ttft = sorted(stats.step_seconds), sorted(stats.ttft_seconds)
     finally:
         engine.stop()
     n = sum(len(r) for r in alone)
@@ -88,7 +90,8 @@ def main() -> int:
     m = sum(len(r) for r in results)
     print(f"engine ({args.streams} concurrent):     {m} tokens in {batched:6.2f} s = {m / batched:7.1f} tok/s")
     print(f"ratio engine / one at a time: {(m / batched) / (n / one_by_one):.2f}x; "
-          f"median decode step {sorted(steps)[len(steps) // 2] * 1e3:.1f} ms; "
+          f"median decode step {steps[len(steps) // 2] * 1e3:.1f} ms; "
+          f"time to first token median {ttft[len(ttft) // 2]:.2f} s, max {ttft[-1]:.2f} s; "
           f"streams with generate()'s tokens: {same}/{len(prompts)}")  # fmt: skip
     return 0
 

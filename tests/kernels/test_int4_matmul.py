@@ -90,6 +90,11 @@ def test_strided_activations_are_read_in_place():
     assert torch.equal(ops.int4_matmul(x, packed, group, sz), ops.int4_matmul(x.contiguous(), packed, group, sz))
 
 
+def test_no_rows_give_an_empty_product():
+    layer = packed_layer(320, 128, 32, bits=8)  # group-wise int8 takes the kernel at any row count
+    assert layer(torch.empty(0, 128).bfloat16()).shape == (0, 320)
+
+
 def test_bad_operands_say_what_is_wrong():
     layer = packed_layer(64, 64, 32)
     _, packed, group, sz, _ = layer._kernel

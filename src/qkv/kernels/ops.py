@@ -107,6 +107,8 @@ def int4_matmul_eager(
     if x.stride(-1) != 1 or (M > 1 and x.stride(0) < Kx):
         x = x.contiguous()
     y = torch.empty(M, N, dtype=torch.bfloat16)
+    if M == 0:
+        return y
     code = _int4_matmul_fn()(
         x.data_ptr(), packed.data_ptr(), scales_and_zeros.data_ptr(), y.data_ptr(),
         M, N, K, Kx, x.stride(0) if M > 1 else Kx, group, torch.get_num_threads(),

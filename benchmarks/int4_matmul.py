@@ -7,10 +7,10 @@ unfused ones, and the 576 -> 49152 head as group-wise int8, which runs as two in
 [x | x]) with random weights, this prints the best-of-30 time of one `QuantLinear` forward
 - through torch's `_weight_int4pack_mm_for_cpu` ("torch"),
 - through qkv's kernel called directly, as eager forwards do ("qkv"),
-- through the `qkv::int4_matmul` operator, as compiled graphs call it ("qkv op": the same kernel
-  plus the operator's Python dispatch),
+- through the `qkv::int4_matmul` operator called by itself, as compiled graphs call it ("qkv op":
+  the operator's dispatch, without the layer's own Python),
 - and of a dense bfloat16 matmul of the same weight ("dense", what 32 rows or more use),
-with the ratios torch / qkv and torch / qkv op (above 1: qkv's kernel is faster).
+with the ratios torch / qkv (the like-for-like one) and torch / qkv op; above 1, qkv's kernel is faster.
 `INT4_MATMUL_ROWS` in `qkv/nn/quant.py` is read off this table. Both kernels run on torch's threads.
 
 --cold: the packed weights come from memory, as in a model (whose layers do not fit the caches):
@@ -54,15 +54,17 @@ def layer(k: int, n: int, bits: int, group: int) -> QuantLinear:
 COLD_BYTES = 64 << 20  # --cold: copies of a layer up to this many packed bytes (beyond a last-level cache)
 
 
-def forward_ms(layers: list[QuantLinear], x: torch.Tensor, native_from: int) -> tuple[float, torch.Tensor]:
-    """Best-of-30 ms of one `layer(x)` (averaged over `layers`) with qkv's kernel taking `native_from`
-    rows and up, and the first layer's output."""
-    saved = quant.INT4_MATMUL_ROWS
+def forward_ms(layers: list[QuantLinear], x: torch.Tensor, native: bool) -> tuple[float, torch.Tensor]:
+    """Best-of-30 ms of one `layer(x)` (averaged over `layers`) on qkv's kernel (native) or torch's
+    (for every layer, group-wise int8 included), and the first layer's output."""
+    saved = quant.INT4_MATMUL_ROWS, quant._native_int4_matmul
     try:
-        quant.INT4_MATMUL_ROWS = native_from
+        quant.INT4_MATMUL_ROWS = 1
+        if not native:
+            quant._native_int4_matmul = lambda: False
         return best_time(lambda: [lin(x) for lin in layers], 30) * 1e3 / len(layers), layers[0](x)
     finally:
-        quant.INT4_MATMUL_ROWS = saved
+        quant.INT4_MATMUL_ROWS, quant._native_int4_matmul = saved
 
 
 def main() -> None:
@@ -84,8 +86,8 @@ def main() -> None:
             dense = lin.dequantize(torch.bfloat16)
             for rows in rows_list:
                 x = torch.randn(rows, k).bfloat16()
-                t_torch, want = forward_ms(layers, x, 1 << 30)
-                t_qkv, got = forward_ms(layers, x, 1)
+                t_torch, want = forward_ms(layers, x, native=False)
+                t_qkv, got = forward_ms(layers, x, native=True)
                 if (got.float() - want.float()).abs().max() > 2**-6 * want.float().abs().max():
                     raise SystemExit(f"{name} rows {rows}: qkv's kernel disagrees with torch's")
                 t_op = (

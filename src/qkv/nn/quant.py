@@ -63,9 +63,10 @@ HEAD_NAMES = ("lm_head",)
 # 2x slower than a packed bf16 matmul), while dequantizing costs a pass over the whole layer per call.
 DENSE_ROWS = int(os.environ.get("QKV_QUANT_DENSE_ROWS", "32"))
 # Rows from which a layer with a dense twin (`QuantLinear.share_dense`: a tied head's embedding
-# table) multiplies by the twin: one bfloat16 read of the table beats the packed kernel's row-at-a-
-# time passes from a few rows on (benchmarks/head_rows.py prints both by row count).
-TWIN_ROWS = int(os.environ.get("QKV_QUANT_TWIN_ROWS", "8"))
+# table) multiplies by the twin: from about 16 rows the dense matmul's arithmetic beats the packed
+# kernel's (qkv's, for the group-wise int8 head), below it the packed form's fewer bytes win
+# (benchmarks/head_rows.py prints both by row count).
+TWIN_ROWS = int(os.environ.get("QKV_QUANT_TWIN_ROWS", "16"))
 # Rows from which an int4 product (group-wise int8 included) runs on qkv's own kernel
 # (`qkv/kernels/int4_matmul.c`: the weight decoded once for up to 6 rows, bfloat16 dot products)
 # instead of torch's, which decodes it again for every 4 rows and does float32 FMAs. With fewer

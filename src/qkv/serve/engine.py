@@ -280,7 +280,10 @@ class Engine:
         """Start the scheduler thread."""
         if self._thread is not None:
             raise UsageError("the engine has been started already")
-        self._thread = threading.Thread(target=self._run, name="qkv-engine", daemon=True)
+        # OpenMP keeps its thread count per thread: the scheduler uses the caller's (torch's setting).
+        self._thread = threading.Thread(
+            target=self._run, args=(torch.get_num_threads(),), name="qkv-engine", daemon=True
+        )
         self._thread.start()
 
     def warmup(self) -> float:
@@ -375,7 +378,8 @@ class Engine:
             self._lock.notify_all()
 
     # -- the scheduler ---------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, threads: int) -> None:
+        torch.set_num_threads(threads)
         with torch.no_grad():  # grad mode is per thread
             while self._wait_for_work():
                 try:

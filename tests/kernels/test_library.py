@@ -47,3 +47,31 @@ def test_a_missing_compiler_says_so(fresh, monkeypatch):
     monkeypatch.setenv("CC", "no-such-compiler-qkv")
     assert kernels.library("int4_dense") is None
     assert "no C compiler" in kernels.unavailable("int4_dense")
+
+
+def test_constant_result_is_read_once_at_trace_time_and_imports_no_dynamo():
+    """`constant_result` marks a function as torch's `assume_constant_result` does, without importing
+    dynamo: a compiled graph calls it once while tracing and keeps the value (a plain function would
+    be traced into, its side effect replayed at every call), and importing the modules that use it
+    leaves torch._dynamo unimported."""
+    import subprocess
+    import sys
+
+    import torch
+
+    code = "import sys, qkv.loading, qkv.nn.quant, qkv.kernels.ops; print('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    calls: list[int] = []
+
+    @kernels.constant_result
+    def flag() -> bool:
+        calls.append(1)
+        return True
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if flag() else x - 1
+
+    for _ in range(3):
+        assert torch.equal(step(torch.zeros(2)), torch.ones(2))
+    assert calls == [1]

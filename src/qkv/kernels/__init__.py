@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
@@ -79,6 +80,18 @@ def function(name: str, symbol: str, argtypes: tuple) -> ctypes._CFuncPtr | None
         return None
     fn = getattr(lib, symbol)
     fn.argtypes = list(argtypes)
+    return fn
+
+
+def constant_result(fn: Callable) -> Callable:
+    """Mark `fn` as `torch.compiler.assume_constant_result` does: a traced graph takes its result
+    as a constant instead of tracing into it (a kernel's availability, decided once per process).
+
+    torch's decorator imports dynamo the moment it is applied, so at import time of every module
+    using it: ~1 s and ~70 MB in a process that never compiles (a warm start runs an AOTInductor
+    package, `qkv.generation.aot_step`). It only sets this attribute (torch 2.13's
+    `torch/_dynamo/decorators.py`), which dynamo reads when it meets the call."""
+    fn._dynamo_marked_constant = True
     return fn
 
 

@@ -15,7 +15,7 @@ NEEDS_LANES = 16  # attention.c takes head dims that are a multiple of this
 _SINGLE_QUERY_ARGS = (ctypes.c_void_p,) * 5 + (ctypes.c_int64,) * 7 + (ctypes.c_float, ctypes.c_int)
 
 
-@torch.compiler.assume_constant_result
+@kernels.constant_result
 def single_query_available() -> bool:
     """Whether `single_query_attention` can run here (decided once, outside any traced graph)."""
     return kernels.library("attention") is not None
@@ -74,7 +74,7 @@ def _int4_matmul_fn() -> ctypes._CFuncPtr:
     return kernels.function("int4_matmul", "qkv_int4_matmul_bf16", _INT4_MATMUL_ARGS)
 
 
-@torch.compiler.assume_constant_result
+@kernels.constant_result
 def int4_matmul_available() -> bool:
     """Whether `int4_matmul` can run here: the kernel is built and this CPU has AVX-512 BF16
     (decided once, outside any traced graph)."""

@@ -179,7 +179,7 @@ def _int4_dense_native(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out
     return fn(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), n, k, group, torch.get_num_threads()) == 0
 
 
-@torch.compiler.assume_constant_result
+@kernels.constant_result
 def _native_int4_matmul() -> bool:
     """Whether `qkv::int4_matmul` runs here (built, AVX-512 BF16); False with QKV_NATIVE=0."""
     if kernels.library("int4_matmul") is None:

@@ -126,14 +126,15 @@ def test_generate_takes_the_aot_step_and_a_new_process_loads_it_without_compilin
         tokens = model.generate(ids, max_new_tokens=12)[0].tolist()
         aot = any(isinstance(s, aot_step.AotStep) for s in aot_step._STEPS[model].values())
         compiled = "torch._inductor.compile_fx" in sys.modules
-        print(json.dumps({{"tokens": tokens, "aot": aot, "inductor_compiled": compiled}}))
+        dynamo = "torch._dynamo" in sys.modules
+        print(json.dumps({{"tokens": tokens, "aot": aot, "inductor_compiled": compiled, "dynamo": dynamo}}))
     """)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == out[0].tolist()
-    assert result["aot"] and not result["inductor_compiled"]
+    assert result["aot"] and not result["inductor_compiled"] and not result["dynamo"]
     assert sorted(p.name for p in (cache_dir / "aoti").iterdir()) == packages  # nothing built again
 
 

@@ -28,14 +28,10 @@ a crowd.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +45,9 @@ from qkv.generation.sampling import sample_next_token
 from qkv.generation.static_step import StaticStep, auto_compile, compiled_step, static_logits
 from qkv.generation.text import TextStream
 from qkv.serve.prefix import PrefixCache
+from qkv.serve.requests import EngineStats, FinishEvent, Handle, QueueFull, Request, TokenEvent
+
+__all__ = ["Engine", "EngineOptions", "EngineStats", "FinishEvent", "Handle", "QueueFull", "Request", "TokenEvent"]
 
 DEFAULT_CONTEXT_CAP = 4096  # slot length when the model's context is longer (or unbounded)
 PREFIX_BLOCK = 16  # tokens per prefix-cache block
@@ -75,135 +74,6 @@ class EngineOptions:
             raise UsageError(f"EngineOptions.max_context={self.max_context!r} must be an integer >= 2 or None")
         if not isinstance(self.prefix_cache_tokens, int) or self.prefix_cache_tokens < 0:
             raise UsageError(f"EngineOptions.prefix_cache_tokens={self.prefix_cache_tokens!r} must be >= 0")
-
-
-@dataclass
-class Request:
-    """One completion: prompt ids and its own decoding options (greedy when temperature == 0)."""
-
-    prompt_ids: list[int]
-    config: GenerationConfig
-    skip_special_tokens: bool = True
-    # Extra logits processors run after the config's (the same signature as generate()'s).
-    processors: Sequence[LogitsProcessor] = ()
-
-
-@dataclass
-class TokenEvent:
-    """One generated token and the text that became safe to show with it (may be "")."""
-
-    token_id: int
-    text: str
-    logprob: float | None = None  # when the config asks for logprobs (raw distribution, as decode.py)
-    top_logprobs: list[tuple[int, float]] | None = None
-
-
-@dataclass
-class FinishEvent:
-    """The last event of a request."""
-
-    reason: str  # "stop" (EOS or stop string), "length", "abort", or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
-    error: str | None = None  # message when reason == "error"
-    # Text held back until the end (TextStream holds the last grapheme until the next token shows
-    # it complete; after an EOS it is complete): append it to the streamed text.
-    text: str = ""
-
-
-class QueueFull(Exception):
-    """The engine's queue is full; retry after `retry_after` seconds (an estimate)."""
-
-    def __init__(self, retry_after: float, depth: int) -> None:
-        super().__init__(f"the queue is full ({depth} requests waiting); retry in {retry_after:.1f} s")
-        self.retry_after = retry_after
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's load and counters."""
-
-    queue_depth: int
-    active_slots: int
-    max_batch: int
-    tokens_generated: int
-    prompt_tokens: int
-    cached_tokens: int
-    requests_finished: int
-    requests_aborted: int
-    ttft_seconds: list[float] = field(default_factory=list)  # recent samples
-    step_seconds: list[float] = field(default_factory=list)  # recent decode-step samples
-
-
-Event = TokenEvent | FinishEvent
-
-
-class Handle:
-    """A submitted request: its events (blocking or async) and `abort`."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, engine: Engine, request: Request) -> None:
-        self.id = f"req-{next(self._ids)}"
-        self.request = request
-        self._engine = engine
-        self._events: deque[Event] = deque()
-        self._cond = threading.Condition()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self.aborted = False
-        self.finished = False
-        self.submitted = time.perf_counter()
-
-    def _put(self, event: Event) -> None:
-        with self._cond:
-            self._events.append(event)
-            self.finished = self.finished or isinstance(event, FinishEvent)
-            self._cond.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
-            with contextlib.suppress(RuntimeError):  # that event loop has closed
-                loop.call_soon_threadsafe(flag.set)
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """TokenEvents, then one FinishEvent; TimeoutError when none arrives within `timeout` s."""
-        while True:
-            with self._cond:
-                if not self._events and not self._cond.wait_for(lambda: self._events, timeout):
-                    raise TimeoutError(f"request {self.id}: no event within {timeout} s")
-                event = self._events.popleft()
-            yield event
-            if isinstance(event, FinishEvent):
-                return
-
-    async def aevents(self) -> AsyncIterator[Event]:
-        """`events` for asyncio servers: waits without blocking the event loop."""
-        flag = asyncio.Event()
-        entry = (asyncio.get_running_loop(), flag)
-        with self._cond:
-            self._waiters.append(entry)
-        try:
-            while True:
-                flag.clear()
-                with self._cond:
-                    batch = list(self._events)
-                    self._events.clear()
-                if not batch:
-                    await flag.wait()
-                    continue
-                for event in batch:
-                    yield event
-                    if isinstance(event, FinishEvent):
-                        return
-        finally:
-            with self._cond:
-                self._waiters.remove(entry)
-
-    def abort(self) -> None:
-        """Stop this request (idempotent): the scheduler frees its row within one step."""
-        if not self.aborted:
-            self.aborted = True
-            self._engine._wake()
 
 
 class _Row:
@@ -316,7 +186,7 @@ class Engine:
     def submit(self, request: Request) -> Handle:
         """Validate and queue a request; UsageError for a bad one, QueueFull when the queue is full."""
         self._validate(request)
-        handle = Handle(self, request)
+        handle = Handle(request, self._wake)
         with self._lock:
             if self._stopping or self._thread is None:
                 raise UsageError("the engine is not running: call start() first (or it has been stopped)")

@@ -173,7 +173,7 @@ def test_a_full_queue_is_429_with_retry_after(tiny_queue_server):
     async def burst():
         async with httpx.AsyncClient(base_url=tiny_queue_server, timeout=60) as client:
             body = {"model": "chat", "messages": MESSAGES, "max_tokens": 100, "temperature": 0}
-            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(6)))
+            return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(16)))
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 _DONE = False
+T = TypeVar("T")
 
 
 def physical_cores() -> int:
@@ -60,3 +63,31 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def in_own_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` run on a new thread that ends with it: its result, or its exception.
+
+    For processes whose compute runs on threads of their own (`qkv serve`'s scheduler): OpenMP
+    keeps a team of worker threads for each thread that ran a parallel region, as long as that
+    thread lives, and while the main thread holds one, parallel regions on other threads run
+    several times slower (`benchmarks/omp_threads.py` measures it: an elementwise op about 5x on
+    2 cores). Loading a model here leaves no team behind on the caller. The caller's torch thread
+    count is set to the one `fn` ended with (OpenMP keeps it per thread; setting it starts no team).
+    """
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # re-raised on the caller's thread
+            out["error"] = exc
+        out["threads"] = torch.get_num_threads()
+
+    worker = threading.Thread(target=run, name=f"qkv-{getattr(fn, '__name__', 'work')}")
+    worker.start()
+    worker.join()
+    torch.set_num_threads(out["threads"])
+    if "error" in out:
+        raise out["error"]
+    return out["result"]

@@ -55,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
     engine_options = EngineOptions(
         max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context, compile=args.compile
     )
+    from qkv.threads import in_own_thread
+
     models = {}
     for spec in args.models:
-        served = load_served(spec, engine_options, dtype=args.dtype)
+        # on a thread of its own: the main thread then holds no OpenMP team to slow the engine's
+        # thread down (benchmarks/omp_threads.py)
+        served = in_own_thread(load_served, spec, engine_options, dtype=args.dtype)
         models[served.name] = served
         print(f"qkv serve: {served.name} ({served.kind})", file=sys.stderr)
     options = ServeOptions(api_key=args.api_key, max_tokens_cap=args.max_tokens_cap)

@@ -42,7 +42,7 @@ from qkv.generation.decode import resolve_eos
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
-from qkv.generation.static_step import StaticStep, auto_compile, compiled_step, static_logits
+from qkv.generation.static_step import StaticStep, auto_compile
 from qkv.generation.text import TextStream
 from qkv.serve.prefix import PrefixCache
 from qkv.serve.requests import EngineStats, FinishEvent, Handle, QueueFull, Request, TokenEvent
@@ -367,13 +367,9 @@ class Engine:
 
     def _step(self) -> torch.Tensor:
         """The model's step over the whole slot cache -> logits [max_batch, V]."""
-        if not self.compile:
-            return static_logits(self.model, self._tokens, self._positions, self.cache)[:, -1]
-        import torch._inductor.config as inductor_config
-
-        runner = self._runner  # the same inductor settings as StaticStep.step
-        with inductor_config.patch(freezing=runner.freeze, cpp_wrapper=not runner.freeze):
-            return compiled_step(self.model)(self.model, self._tokens, self._positions, self.cache)[:, -1]
+        # eager, or compiled as `generate` compiles: ahead of time where it can (a package built
+        # once per machine, loaded without re-tracing), else torch.compile
+        return self._runner.logits(self._tokens, self._positions, self.cache)[:, -1]
 
     def _sample(self, i: int, logits: torch.Tensor) -> None:
         """Choose row i's next token from its logits [1, V] with the request's own options."""

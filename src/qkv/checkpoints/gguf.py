@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,22 +343,32 @@ def _kind(name: str) -> str | None:
     return name.split(".")[2] if name.startswith("blk.") else None  # blk.{i}.attn_q.weight -> attn_q
 
 
+def _source_rows(
+    file: GGUFFile, sources: tuple[str, ...], permuted: dict, origin: str, *fused: torch.Tensor
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """For each source tensor, in order: (its name, its rows of each `fused` tensor, seen in the
+    file's row order), so that writing the file's rows through them fills Q, K and V (or gate and
+    up) side by side, RoPE rows un-permuted."""
+    row = 0
+    for name in sources:
+        n = file.tensors[name].shape[0]
+        parts = [tensor[row : row + n] for tensor in fused]
+        row += n
+        if _kind(name) in permuted:
+            try:
+                parts = [rope_rows_view(part, permuted[_kind(name)]) for part in parts]
+            except ValueError as exc:
+                raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(parts[0].shape)}: {exc}") from None
+        yield name, parts
+
+
 def _dense(
     file: GGUFFile, sources: tuple[str, ...], shape: tuple[int, ...], dtype: torch.dtype, permuted: dict, origin: str
 ) -> torch.Tensor:
     """The sources dequantized straight into their rows of one (fused) tensor: Q, K and V into
     `qkv_proj`, gate and up into `up`, with no intermediate copies and no concatenation."""
     weight = torch.empty(shape, dtype=dtype)
-    row = 0
-    for name in sources:
-        rows = file.tensors[name].shape[0]
-        part = weight[row : row + rows]
-        row += rows
-        if _kind(name) in permuted:
-            try:
-                part = rope_rows_view(part, permuted[_kind(name)])
-            except ValueError as exc:
-                raise CheckpointError(f"{origin}: tensor {name} of shape {tuple(part.shape)}: {exc}") from None
+    for name, (part,) in _source_rows(file, sources, permuted, origin, weight):
         file.tensor(name, out=part)
     return weight
 
@@ -373,16 +384,8 @@ def _packed(
     out = {"qweight": qweight, "scales": torch.empty(rows, K // PACKED_GROUP)}
     if bits == 4:
         out["zeros"] = torch.empty(rows, K // PACKED_GROUP)
-    row = 0
-    for name in sources:
-        part = {key: tensor[row : row + file.tensors[name].shape[0]] for key, tensor in out.items()}
-        row += file.tensors[name].shape[0]
-        if _kind(name) in permuted:
-            try:
-                part = {key: rope_rows_view(tensor, permuted[_kind(name)]) for key, tensor in part.items()}
-            except ValueError as exc:
-                raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
-        file.quantized(name, out=part)
+    for name, parts in _source_rows(file, sources, permuted, origin, *out.values()):
+        file.quantized(name, out=dict(zip(out, parts)))
     return {f"{module}.{key}": tensor for key, tensor in out.items()}
 
 
@@ -410,17 +413,8 @@ def kernel_form(
     if fn is None:
         return None
     addresses, row_types = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.int8)
-    row = 0
-    for name in sources:
-        n = file.tensors[name].shape[0]
-        part = addresses[row : row + n]
-        row_types[row : row + n] = _ROW_TYPES[file.tensors[name].qtype.name]
-        row += n
-        if _kind(name) in permuted:
-            try:
-                part = rope_rows_view(part, permuted[_kind(name)])
-            except ValueError as exc:
-                raise CheckpointError(f"{origin}: tensor {name}: {exc}") from None
+    for name, (part, types_part) in _source_rows(file, sources, permuted, origin, addresses, row_types):
+        types_part.fill_(_ROW_TYPES[file.tensors[name].qtype.name])
         part.copy_(file.row_addresses(name).view(part.shape))
     q8 = types == {"Q8_0"}
     kk, groups = (2 * K if q8 else K), K // PACKED_GROUP

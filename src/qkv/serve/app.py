@@ -28,7 +28,7 @@ from qkv.serve.errors import APIError, bad_request, error_body, install, queue_f
 from qkv.serve.metrics import Metrics
 from qkv.serve.models import ServedModel, embed_ids, embed_texts
 from qkv.serve.runs import Choice, Piece, collect, finish_reason, stream_engine, stream_worker, submit_all
-from qkv.serve.transport import EventStream, Gate, sse
+from qkv.serve.transport import EventStream, Gate, chunk_writer, sse
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 128  # prompts x n in one /v1/completions request
@@ -233,7 +233,8 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(chat_stream(served, body, events, ident, created, include_usage, started))
+            return EventStream(ended(served, events, started, chat_stream(served, body, events, ident, created,
+                                                                          include_usage)))  # fmt: skip
         try:
             choices = await collect(events, body.n)
         finally:
@@ -248,41 +249,46 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
             ],
         )  # fmt: skip
 
+    async def ended(
+        served: ServedModel, events: AsyncIterator, started: float, chunks: AsyncIterator[str]
+    ) -> AsyncIterator[str]:
+        """A stream's chunks, then `data: [DONE]`; an APIError on the way ends it with an error
+        event instead. Whatever happens (a client leaving mid-stream included), the request's
+        events are closed, which aborts what is still running, and its tracking ends."""
+        try:
+            async for piece in chunks:
+                yield piece
+            yield "data: [DONE]\n\n"
+        except APIError as exc:
+            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
+        finally:
+            await chunks.aclose()
+            await events.aclose()
+            untrack(served.name, started)
+
     async def chat_stream(
         served: ServedModel, body: s.ChatCompletionRequest, events: AsyncIterator, ident: str, created: int,
-        include_usage: bool, started: float,
+        include_usage: bool,
     ) -> AsyncIterator[str]:  # fmt: skip
-        def chunk(choices: list[dict[str, Any]], usage_: s.Usage | None = None) -> str:
-            payload = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                       "system_fingerprint": None, "choices": choices}  # fmt: skip
-            if include_usage:
-                payload["usage"] = usage_.model_dump() if usage_ is not None else None
-            return sse(payload)
+        chunk = chunk_writer("chat.completion.chunk", ident, created, served.name, include_usage)
 
         def choice(i: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
             return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
         choices = [Choice() for _ in range(body.n)]
-        try:
-            yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
-            async for i, event in events:
-                choices[i].add(event)
-                if isinstance(event, Piece):
-                    if event.text or (body.logprobs and event.logprobs):
-                        lps = chat_logprobs(served, event.logprobs).model_dump() if body.logprobs else None
-                        yield chunk([choice(i, {"content": event.text}, logprobs=lps)])
-                else:
-                    if event.text:
-                        yield chunk([choice(i, {"content": event.text})])
-                    yield chunk([choice(i, {}, finish_reason(event.reason))])
-            if include_usage:
-                yield chunk([], usage(choices, body.n))
-            yield "data: [DONE]\n\n"
-        except APIError as exc:
-            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
-        finally:
-            await events.aclose()
-            untrack(served.name, started)
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
+        async for i, event in events:
+            choices[i].add(event)
+            if isinstance(event, Piece):
+                if event.text or (body.logprobs and event.logprobs):
+                    lps = chat_logprobs(served, event.logprobs).model_dump() if body.logprobs else None
+                    yield chunk([choice(i, {"content": event.text}, logprobs=lps)])
+            else:
+                if event.text:
+                    yield chunk([choice(i, {"content": event.text})])
+                yield chunk([choice(i, {}, finish_reason(event.reason))])
+        if include_usage:
+            yield chunk([], usage(choices, body.n))
 
     # -- completions ------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=s.Completion, responses=STREAMABLE)
@@ -374,8 +380,8 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
         total = len(prompts) * n
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(completion_stream(served, body, events, ident, created, include_usage, started,
-                                                 echoes, total))  # fmt: skip
+            chunks = completion_stream(served, body, events, ident, created, include_usage, echoes, total)
+            return EventStream(ended(served, events, started, chunks))
         try:
             choices = await collect(events, total)
         finally:
@@ -394,45 +400,33 @@ def create_app(models: dict[str, ServedModel], options: ServeOptions | None = No
 
     async def completion_stream(
         served: ServedModel, body: s.CompletionRequest, events: AsyncIterator, ident: str, created: int,
-        include_usage: bool, started: float, echoes: list[str], total: int,
+        include_usage: bool, echoes: list[str], total: int,
     ) -> AsyncIterator[str]:  # fmt: skip
-        def chunk(choices: list[dict[str, Any]], usage_: s.Usage | None = None) -> str:
-            payload = {"id": ident, "object": "text_completion", "created": created, "model": served.name,
-                       "system_fingerprint": None, "choices": choices}  # fmt: skip
-            if include_usage:
-                payload["usage"] = usage_.model_dump() if usage_ is not None else None
-            return sse(payload)
+        chunk = chunk_writer("text_completion", ident, created, served.name, include_usage)
 
         def choice(i: int, text: str, reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
             return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
         choices = [Choice() for _ in range(total)]
         offsets = [len(echoes[i // body.n]) for i in range(total)]
-        try:
-            for i in range(total):
-                if echoes[i // body.n]:
-                    yield chunk([choice(i, echoes[i // body.n])])
-            async for i, event in events:
-                choices[i].add(event)
-                if isinstance(event, Piece):
-                    if event.text or (body.logprobs is not None and event.logprobs):
-                        lps = None
-                        if body.logprobs is not None:
-                            lps = completion_logprobs(served, event.logprobs, offsets[i], body.logprobs).model_dump()
-                        offsets[i] += len(event.text)
-                        yield chunk([choice(i, event.text, logprobs=lps)])
-                else:
-                    if event.text:
-                        yield chunk([choice(i, event.text)])
-                    yield chunk([choice(i, "", finish_reason(event.reason))])
-            if include_usage:
-                yield chunk([], usage(choices, body.n))
-            yield "data: [DONE]\n\n"
-        except APIError as exc:
-            yield sse(error_body(exc.status, exc.message, exc.param, exc.code))
-        finally:
-            await events.aclose()
-            untrack(served.name, started)
+        for i in range(total):
+            if echoes[i // body.n]:
+                yield chunk([choice(i, echoes[i // body.n])])
+        async for i, event in events:
+            choices[i].add(event)
+            if isinstance(event, Piece):
+                if event.text or (body.logprobs is not None and event.logprobs):
+                    lps = None
+                    if body.logprobs is not None:
+                        lps = completion_logprobs(served, event.logprobs, offsets[i], body.logprobs).model_dump()
+                    offsets[i] += len(event.text)
+                    yield chunk([choice(i, event.text, logprobs=lps)])
+            else:
+                if event.text:
+                    yield chunk([choice(i, event.text)])
+                yield chunk([choice(i, "", finish_reason(event.reason))])
+        if include_usage:
+            yield chunk([], usage(choices, body.n))
 
     # -- embeddings -------------------------------------------------------------------------------
     @app.post("/v1/embeddings", response_model=s.EmbeddingList, responses=ERRORS)

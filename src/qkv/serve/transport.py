@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -100,3 +100,19 @@ class EventStream(StreamingResponse):
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def chunk_writer(kind: str, ident: str, created: int, model: str, include_usage: bool) -> Callable[..., str]:
+    """`chunk(choices, usage=None)` -> one SSE event of a streamed completion of object type `kind`
+    ("chat.completion.chunk" or "text_completion"), as OpenAI sends them: every chunk carries the
+    id, creation time and model; with `stream_options.include_usage` each also has a `usage` field,
+    null until the last."""
+
+    def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
+        payload = {"id": ident, "object": kind, "created": created, "model": model, "system_fingerprint": None,
+                   "choices": choices}  # fmt: skip
+        if include_usage:
+            payload["usage"] = usage.model_dump() if usage is not None else None
+        return sse(payload)
+
+    return chunk

@@ -5,9 +5,13 @@ The Hugging Face oracle models (the same weights in transformers and in qkv) are
 
 from __future__ import annotations
 
+import sysconfig
+from pathlib import Path
+
 import torch
 
 from qkv import DecoderLM, ModelConfig
+from qkv.models.encoder import Encoder
 
 
 def tiny_model(preset: str, seed: int = 0, **overrides) -> DecoderLM:
@@ -15,6 +19,21 @@ def tiny_model(preset: str, seed: int = 0, **overrides) -> DecoderLM:
     `torch.manual_seed(seed)` (so the global RNG is left in a known state too)."""
     torch.manual_seed(seed)
     return DecoderLM(ModelConfig.from_name(preset, **overrides)).eval()
+
+
+def tiny_encoder_with_tokenizer() -> Encoder:
+    """A random 2-layer BERT (eval mode) whose `tokenizer` is a WordPiece of 300 trained on a little
+    stdlib source: a sentence encoder small enough for any test (embeddings, the server)."""
+    from qkv.tokenizer import train_tokenizer
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:3]
+    tok = train_tokenizer(
+        kind="wordpiece", texts=[f.read_text(encoding="utf-8") for f in files], vocab_size=300, show_progress=False
+    )
+    torch.manual_seed(0)
+    model = Encoder(ModelConfig.from_name("tiny-bert", vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
+    model.tokenizer = tok
+    return model.eval()
 
 
 def random_ids(vocab: int, batch: int, length: int, *, seed: int, low: int = 3) -> torch.Tensor:

@@ -4,18 +4,15 @@ encoder for the tests that need no real weights."""
 
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from qkv import hub
-from qkv.config import ModelConfig
 from qkv.embedding import load_sentence_model
 from qkv.models.encoder import Encoder
-from qkv.tokenizer import train_tokenizer
 from sentence_reference import load_reference
+from tiny_models import tiny_encoder_with_tokenizer
 
 # Texts that stress tokenization and pooling: empty and whitespace-only texts, scripts without
 # spaces, right-to-left text, emoji sequences, combining marks, special tokens written as text,
@@ -66,11 +63,4 @@ def varied_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_encoder() -> Encoder:
     """A random 2-layer BERT with a WordPiece tokenizer trained on a little stdlib source."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:3]
-    tok = train_tokenizer(
-        kind="wordpiece", texts=[f.read_text(encoding="utf-8") for f in files], vocab_size=300, show_progress=False
-    )
-    torch.manual_seed(0)
-    model = Encoder(ModelConfig.from_name("tiny-bert", vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
-    model.tokenizer = tok
-    return model.eval()
+    return tiny_encoder_with_tokenizer()

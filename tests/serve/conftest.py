@@ -5,7 +5,6 @@ in a thread on a free loopback port."""
 from __future__ import annotations
 
 import socket
-import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from qkv.config import ModelConfig
 from qkv.models.encoder import Encoder
 from qkv.models.seq2seq import EncoderDecoder
 from qkv.tokenizer import CHAT_TEMPLATES, train_tokenizer
-from tiny_models import tiny_model
+from tiny_models import tiny_encoder_with_tokenizer, tiny_model
 
 CORPUS = [
     "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n"
@@ -75,14 +74,7 @@ def chat_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_encoder() -> Encoder:
     """A random 2-layer BERT with a WordPiece tokenizer trained on a little stdlib source."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:3]
-    tok = train_tokenizer(
-        kind="wordpiece", texts=[f.read_text(encoding="utf-8") for f in files], vocab_size=300, show_progress=False
-    )
-    torch.manual_seed(0)
-    model = Encoder(ModelConfig.from_name("tiny-bert", vocab_size=tok.vocab_size, pad_token_id=tok.pad_token_id))
-    model.tokenizer = tok
-    return model.eval()
+    return tiny_encoder_with_tokenizer()
 
 
 @pytest.fixture(scope="session")

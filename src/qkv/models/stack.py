@@ -5,6 +5,10 @@ The per-forward work that all layers share is done once here: position ids, the 
 The same code serves a prompt, a cached decode step and the static-shape (compiled) decode step;
 the only difference is where the key slots come from (`KVCache.slots`). A family is this stack
 plus a few lines of head code (`DecoderLM` adds the LM head).
+
+Gradient checkpointing (`set_grad_checkpointing(model, True)`) trades compute for memory in
+training: each block keeps only its input, and its activations are recomputed in the backward
+pass (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qkv.cache import KVCache
 from qkv.config import ModelConfig
@@ -94,6 +99,7 @@ class TransformerStack(nn.Module):
         self.relative_bias = RelativePositionBias(cfg, bidirectional=not causal) if cfg.position == "t5" else None
         self.blocks = nn.ModuleList(Block(cfg, i, cross_attention) for i in range(n_layers or cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.grad_checkpointing = False  # see set_grad_checkpointing
 
     @staticmethod
     def init_weights(module: nn.Module) -> None:
@@ -218,10 +224,17 @@ class TransformerStack(nn.Module):
         hidden_states: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
         cross_attentions: list[torch.Tensor] = []
+        # Recompute in backward only where there is a backward: training, grad on, no cache.
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.blocks:
             if output_hidden_states:
                 hidden_states.append(x)
-            x, weights, cross_weights = block(x, inputs, context)
+            if recompute:
+                # Non-reentrant: works with inputs that need no grad and with non-tensor arguments;
+                # the RNG state is saved so dropout draws the same mask when recomputed.
+                x, weights, cross_weights = checkpoint(block, x, inputs, context, use_reentrant=False)
+            else:
+                x, weights, cross_weights = block(x, inputs, context)
             if output_attentions:
                 attentions.append(weights)
                 if cross_weights is not None:
@@ -249,3 +262,21 @@ class TransformerStack(nn.Module):
         if context is None:
             raise ValueError("cross-attention needs the encoder output: pass context= or a cache with set_context()")
         return context, context_mask
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn gradient checkpointing on or off in every `TransformerStack` of `model` (both stacks of an
+    encoder-decoder, CLIP's towers, a model wrapped by a head or by LoRA).
+
+    On: in training with grad enabled, each block's activations are dropped after its forward and
+    recomputed in backward (less peak memory, roughly one more forward of compute). Evaluation,
+    `torch.no_grad()` and cached decoding run as before.
+    """
+    stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+    if not stacks:
+        raise ValueError(
+            f"{type(model).__name__} holds no TransformerStack, so there are no blocks to checkpoint; "
+            "pass a qkv model (DecoderLM, Encoder, EncoderDecoder, VisionTransformer, CLIP)"
+        )
+    for stack in stacks:
+        stack.grad_checkpointing = bool(enabled)

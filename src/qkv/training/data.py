@@ -119,6 +119,11 @@ class BlockLoader:
     `SeedSequence` (which mixes them so nearby pairs give unrelated streams), so the position
     (`epoch`, `index` = batches already taken this epoch) fixes every later batch. An epoch's
     last partial batch is skipped to keep shapes static.
+
+    `batch_size` is the global batch. Under N processes each rank calls `shard(rank, N)` (the
+    `Trainer` does) and then reads only its own rows: rows [rank * B/N, (rank + 1) * B/N) of each
+    global batch. The N shards side by side are exactly the single-process batch, so N processes
+    see the same data in the same order as one, and the position stays world-size independent.
     """
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -137,7 +142,20 @@ class BlockLoader:
         self.shuffle = shuffle
         self.epoch = 0
         self.index = 0
+        self.rank, self.world_size = 0, 1
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only rank `rank`'s share (batch_size / world_size rows) of every global batch."""
+        from qkv.training.distributed import DistEnv, split_rows
+
+        split_rows(self.batch_size, DistEnv(rank, world_size))
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows of each batch this process reads (batch_size / world_size)."""
+        return self.batch_size // self.world_size
 
     @property
     def batches_per_epoch(self) -> int:
@@ -155,11 +173,12 @@ class BlockLoader:
         return self._order[1]
 
     def next_batch(self) -> torch.Tensor:
-        """The next batch [B, T]; moves to the next epoch when this one is used up."""
+        """The next batch [B, T] (this rank's [B / world_size, T] share when sharded); moves to the
+        next epoch when this one is used up."""
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        start = self.index * self.batch_size
-        batch = self.blocks[self._permutation()[start : start + self.batch_size]]
+        start = self.index * self.batch_size + self.rank * self.local_batch_size
+        batch = self.blocks[self._permutation()[start : start + self.local_batch_size]]
         self.index += 1
         return batch
 

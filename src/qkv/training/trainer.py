@@ -18,6 +18,12 @@ the validation blocks and an `accuracy` that evaluation reports next to the loss
 `state_dict()` (its random generator) is saved and restored with the run. A model that trains as
 more than it saves (`SavesPart`: ELECTRA's generator + discriminator) saves `checkpoint_model()`
 as the checkpoint and keeps the rest in training_state.pt.
+
+Under torchrun (`qkv.training.distributed`) the same code trains on N processes: the model is
+wrapped in DDP (or FSDP2 with `shard=True`), each rank reads its share of every global batch,
+loss and gradient norm are averaged so every rank logs the same numbers, only rank 0 writes
+metrics, plots and progress, and checkpoints are sharded (`qkv.checkpoints.sharded`) and resume
+on any number of processes.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qkv.checkpoints.native import load_native, load_training_state, save_native
+from qkv.checkpoints import sharded
+from qkv.checkpoints.native import load_native, load_training_state, read_native_config, save_native
 from qkv.errors import QkvError, UsageError
+from qkv.training import distributed
 from qkv.training.data import causal_lm_batch, iter_blocks
 from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer
@@ -107,6 +115,8 @@ class TrainingConfig:
     save_every: int = 0  # checkpoint every N steps (0: only after the last step); needs out_dir
     out_dir: str | None = None  # run directory: metrics.jsonl, loss_curve.png, checkpoint/
     progress: bool = True  # show a tqdm progress bar
+    shard: bool = False  # under torchrun: FSDP2 (weights, gradients, optimizer state split over ranks), not DDP
+    sharded_checkpoint: bool | None = None  # DCP checkpoints (None: when training on several processes)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -167,8 +177,22 @@ class Trainer:
         accuracy: Accuracy | None = None,
     ) -> None:
         """collate: training blocks -> batch; eval_collate: validation blocks -> batch (default:
-        collate); accuracy: counted at each evaluation and logged as `eval_accuracy`."""
+        collate); accuracy: counted at each evaluation and logged as `eval_accuracy`.
+
+        Under torchrun this joins the process group, wraps the model (DDP, or FSDP2 in place when
+        `config.shard`) and gives `train_data` its rank's share (`shard(rank, world_size)`).
+        """
+        self.dist = distributed.init()
+        if self.dist.world_size > 1:
+            shard = getattr(train_data, "shard", None)
+            if shard is None:
+                raise UsageError(
+                    f"training on {self.dist.world_size} processes needs a batch source with shard(rank, world_size) "
+                    f"(e.g. BlockLoader) so each rank reads its own rows; {type(train_data).__name__} has none"
+                )
+            shard(self.dist.rank, self.dist.world_size)
         self.model = model
+        self.wrapped = distributed.wrap(model, shard=config.shard)  # what a training step calls
         self.config = config
         self.train_data = train_data
         self.val_blocks = val_blocks if val_blocks is not None and len(val_blocks) else None
@@ -181,7 +205,7 @@ class Trainer:
         self.schedule = WarmupCosine(config.lr, min_lr, config.warmup_steps, config.steps)
         self.step = 0  # optimizer updates done
         self.out_dir = Path(config.out_dir) if config.out_dir else None
-        self.metrics = MetricsLog(self.out_dir / METRICS_FILE) if self.out_dir else None
+        self.metrics = MetricsLog(self.out_dir / METRICS_FILE) if self.out_dir and self.dist.is_main else None
         self.history: list[dict[str, Any]] = []  # records logged by this object (train and eval)
 
     @property
@@ -198,6 +222,12 @@ class Trainer:
         device = self._device()
         return {k: v.to(device) for k, v in (collate or self.collate)(blocks).items()}
 
+    @property
+    def sharded_checkpoint(self) -> bool:
+        """Whether `save()` writes a DCP checkpoint (config.sharded_checkpoint; default: when distributed)."""
+        flag = self.config.sharded_checkpoint
+        return self.dist.world_size > 1 if flag is None else flag
+
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.metrics is not None:
@@ -206,7 +236,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """One optimizer update over `grad_accum` micro-batches -> its metrics record."""
-        cfg, model = self.config, self.model
+        cfg, model = self.config, self.wrapped
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -220,10 +250,12 @@ class Trainer:
                 loss = model(**batch).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float().cpu()
-        loss_value = loss_sum.item() / cfg.grad_accum
+        loss_value = distributed.mean(loss_sum.item() / cfg.grad_accum)  # every rank logs the global mean
+        tokens = distributed.total(tokens)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        # max_norm=inf measures the norm without changing the gradients.
-        grad_norm = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
+        # max_norm=inf measures the norm without changing the gradients. The gradients are already
+        # averaged over ranks (DDP) or sharded (FSDP2: the norm is a DTensor over all shards).
+        grad_norm = float(distributed.full_value(nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)))
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {grad_norm}"
@@ -250,7 +282,8 @@ class Trainer:
             self.metrics.truncate_after(self.step)  # records past a resumed checkpoint are about to be redone
         first = len(self.history)
         self.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main), unit="step",
+                   dynamic_ncols=True)  # fmt: skip
         try:
             while self.step < stop:
                 record = self.train_step()
@@ -261,7 +294,8 @@ class Trainer:
                 last = self.step == cfg.steps
                 if self.val_blocks is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                     self._log(self.evaluate())
-                    bar.write(describe_eval(self.history[-1]))
+                    if self.dist.is_main:
+                        bar.write(describe_eval(self.history[-1]))
                     self.plot()
                 if self.out_dir and (last or (cfg.save_every and self.step % cfg.save_every == 0)):
                     self.save()
@@ -307,38 +341,84 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights that an exact resume needs (plain tensors and containers)."""
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": dataclasses.asdict(self.schedule),
-            "data": self.train_data.state_dict(),
-            "rng": rng_state(),
-            "training_config": self.config.to_dict(),
-        }
-        if isinstance(self.collate, StatefulCollate):
-            state["collate"] = self.collate.state_dict()
+        state = {**self._shared_state(), "optimizer": self.optimizer.state_dict(), **self._rank_state()}
         if isinstance(self.model, SavesPart):
             state["model_extra"] = self.model.extra_state()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _shared_state(self) -> dict[str, Any]:
+        """The state every rank holds alike: step, schedule, the run's and the model's config."""
+        model = self.model.checkpoint_model() if isinstance(self.model, SavesPart) else self.model
+        config = getattr(model, "config", None)
+        state = {
+            "step": self.step,
+            "schedule": dataclasses.asdict(self.schedule),
+            "training_config": self.config.to_dict(),
+        }
+        if config is not None and hasattr(config, "to_dict"):
+            state["model_config"] = config.to_dict()
+        return state
+
+    def _rank_state(self) -> dict[str, Any]:
+        """The state of this rank's own: data position, RNG states, the collate's generator."""
+        state = {"data": self.train_data.state_dict(), "rng": rng_state()}
+        if isinstance(self.collate, StatefulCollate):
+            state["collate"] = self.collate.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], path: str | os.PathLike | None = None) -> None:
         """Continue from `state_dict()` output; the model must already hold the checkpoint's weights
-        (for a `SavesPart` model: its checkpoint part; the rest comes back from `state`)."""
-        if isinstance(self.model, SavesPart) and "model_extra" in state:
-            self.model.load_extra_state(state["model_extra"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        (for a `SavesPart` model: its checkpoint part; the rest comes back from `state`). A sharded
+        checkpoint's state (format "sharded") loads the model and optimizer from `path`'s DCP files."""
+        if state.get("format") == "sharded":
+            if path is None:
+                raise UsageError("loading a sharded training state needs the checkpoint's path")
+            sharded.load_sharded(path, self.model, self.optimizer)
+            state = {**state, **self._my_rank_state(state)}
+        else:
+            if isinstance(self.model, SavesPart) and "model_extra" in state:
+                self.model.load_extra_state(state["model_extra"])
+            if self.config.shard and self.dist.world_size > 1:
+                raise UsageError(
+                    "this checkpoint was saved by one process without a sharded checkpoint, so its optimizer state "
+                    "cannot be split over FSDP ranks; resume it without --shard (DDP), or on one process"
+                )
+            self.optimizer.load_state_dict(state["optimizer"])
         self.train_data.load_state_dict(state["data"])
         if isinstance(self.collate, StatefulCollate) and "collate" in state:
             self.collate.load_state_dict(state["collate"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
 
+    def _my_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's part of a sharded checkpoint's per-rank states. On the world size that saved it,
+        its own; on another, rank 0's RNG, and the data position and collate state, which must then
+        be the same on every saved rank (a `BlockLoader`'s position is world-size independent)."""
+        ranks = state["ranks"]
+        if len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        for key in ("data", "collate"):
+            values = [r.get(key) for r in ranks]
+            if any(not _equal(v, values[0]) for v in values[1:]):
+                raise UsageError(
+                    f"the checkpoint was saved by {len(ranks)} processes whose {key} states differ, so it cannot be "
+                    f"resumed on {self.dist.world_size}; resume it with --nproc {len(ranks)}"
+                )
+        return ranks[0]
+
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Write model + training state as a native checkpoint (default: <out_dir>/checkpoint)."""
+        """Write model + training state (default: <out_dir>/checkpoint). Every rank calls it: a
+        native checkpoint (one process), or a sharded one (`qkv.checkpoints.sharded`), which holds
+        a native checkpoint of the model too."""
         path = path or self.checkpoint_path
         if path is None:
             raise UsageError("save() needs a path, or TrainingConfig.out_dir to save into")
         model = self.model.checkpoint_model() if isinstance(self.model, SavesPart) else self.model
+        if self.sharded_checkpoint:
+            shared = self._shared_state()
+            if isinstance(self.model, SavesPart):
+                shared["model_extra"] = self.model.extra_state()
+            return sharded.save_sharded(path, self.model, self.optimizer, model, shared, self._rank_state())
         return save_native(model, path, training_state=self.state_dict())
 
     @classmethod
@@ -355,15 +435,48 @@ class Trainer:
         """A trainer that continues the run saved at `path`: model, optimizer, RNG and data position.
 
         config: None keeps the saved one (pass a changed copy to, e.g., train for more steps);
-        model: the checkpoint's model if already loaded (default: `load_native(path)`); options:
-        the other `Trainer` arguments (eval_collate, accuracy, eval_batch_size).
+        model: the checkpoint's model if already loaded (default: `load_native(path)`); it must have
+        the saved model config; options: the other `Trainer` arguments (eval_collate, accuracy,
+        eval_batch_size). A sharded checkpoint resumes on any number of processes (every rank
+        calls this); unfinished saves left next to `path` are removed and reported.
         """
+        sharded.remove_stale_saves(path, report=True)
         state = load_training_state(path)
+        if state.get("format") == "sharded":
+            sharded.check_complete(path)
         config = config or TrainingConfig(**state["training_config"])
         model = model if model is not None else load_native(path)
+        check_same_model(path, model)
         trainer = cls(model, config, train_data, val_blocks, collate, **options)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(state, path)
         return trainer
+
+
+def check_same_model(path: str | os.PathLike, model: nn.Module) -> None:
+    """UsageError naming the differing fields unless `model` has the config saved at `path`."""
+    part = model.checkpoint_model() if isinstance(model, SavesPart) else model
+    mine = getattr(part, "config", None)
+    if mine is None or not hasattr(mine, "to_dict"):
+        return
+    saved, ours = read_native_config(path).to_dict(), mine.to_dict()
+    differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: saved {saved.get(k)!r}, given {ours.get(k)!r}" for k in differ[:6])
+        raise UsageError(
+            f"cannot resume {path} with a different model config ({shown}); resume with the model (preset) the run "
+            "was started with, or start a new run"
+        )
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Deep equality of plain containers holding tensors."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
 
 
 def describe_eval(record: dict[str, Any]) -> str:

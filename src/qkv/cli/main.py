@@ -41,6 +41,7 @@ SUBCOMMANDS = (
     "zero-shot",
     "bench",
     "serve",
+    "lora",
 )
 
 

@@ -25,12 +25,15 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 TOL = 1e-4
 
 
-def _bert():
+def _bert(head: str = ""):
     config = transformers.BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    if head == "mlm":
+        model = transformers.BertForMaskedLM(config).eval()
+    else:
+        model = transformers.BertModel(config, add_pooling_layer=False).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -43,7 +46,9 @@ FAMILIES = {
               ["q_proj", "v_proj", "up_proj", "o_proj"]),
     "llama-q-v": (lambda: make_hf_model("llama-gqa-6-2"), ("q", "v"), ["k_proj", "gate_proj"]),
     "gpt2": (lambda: make_hf_model("gpt2"), ("q", "k", "v", "o", "up", "down"), ["c_attn", "c_fc"]),
+    "gpt2-attn-o": (lambda: make_hf_model("gpt2"), ("o",), ["attn.c_proj"]),  # not mlp.c_proj: full names
     "bert": (_bert, ("q", "k", "v", "o"), ["query", "value", "dense"]),
+    "bert-mlm": (lambda: _bert("mlm"), ("q", "v", "down", "head.dense"), ["key", "dense"]),  # "dense": the head's too
 }  # fmt: skip
 
 
@@ -76,7 +81,7 @@ def _randomize(model, seed: int = 1) -> None:
 
 
 def test_qkv_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
-    _, hf, base, targets, _ = family
+    name, hf, base, targets, _ = family
     model = qkv.load(base)
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -89,6 +94,8 @@ def test_qkv_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
     save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
     written = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     assert written["peft_type"] == "LORA" and written["r"] == 4 and written["lora_alpha"] == 8.0
+    if name == "gpt2-attn-o":  # the leaf name c_proj would take the MLP's c_proj too
+        assert written["target_modules"] == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         theirs = _hf_out(peft_model, ids)

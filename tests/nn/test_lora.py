@@ -126,10 +126,16 @@ def test_a_layer_computes_its_base_plus_the_scaled_update_of_each_slice():
                                        "blocks.0.attn.qkv_proj.v"]),  # every slice of one module
         (("*.qkv_proj.k",), ["blocks.0.attn.qkv_proj.k", "blocks.1.attn.qkv_proj.k"]),  # a slice's own name
         (("lm_head",), ["lm_head"]),
+        (("up",), ["blocks.0.mlp.up.up", "blocks.1.mlp.up.up"]),  # the up half of the gated layer, not the gate
+        (("mlp.up",), ["blocks.0.mlp.up.gate", "blocks.0.mlp.up.up", "blocks.1.mlp.up.gate", "blocks.1.mlp.up.up"]),
     ],
 )  # fmt: skip
 def test_targets_by_role_module_name_and_glob(targets, wrapped):
     assert apply_lora(tiny_model("tiny-llama"), LoraConfig(targets=targets)) == wrapped
+
+
+def test_a_plain_mlp_s_up_is_one_layer():
+    assert apply_lora(tiny_model("tiny-gpt2"), LoraConfig(targets=("up",))) == ["blocks.0.mlp.up", "blocks.1.mlp.up"]
 
 
 def test_a_pattern_that_matches_nothing_is_named_with_real_names():

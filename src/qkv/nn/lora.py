@@ -17,7 +17,8 @@ Targets are name patterns (`LoraConfig.targets`), matched against each layer's p
   slices), "o" (the attention output projection), "gate", "up", "down" (the MLP's);
 - a module name or a dotted suffix of it ("o_proj", "blocks.0.attn.qkv_proj", "lm_head"), which
   takes every slice of that layer; a slice's own name is the module's plus its role
-  ("blocks.0.attn.qkv_proj.q");
+  ("blocks.0.attn.qkv_proj.q"). A role wins over a module of the same name: "up" is the up half
+  of a gated MLP's fused `up`, "mlp.up" all of it;
 - a glob over those names ("blocks.1*.attn.*", "*.mlp.down").
 
 Saving, loading and PEFT's format are in `qkv.checkpoints.peft`; this module re-exports them.
@@ -132,6 +133,7 @@ def _parts(parent: nn.Module, child: str, layer: nn.Module) -> tuple[str, tuple[
             roles, sizes = ("gate", "up"), (parent.d_ff, parent.d_ff)
     if not roles:
         return role, (LoraSlice("", 0, out),)
+    role = ""  # a fused layer's roles are its slices' ("up" is the up half of a gated `up`, not all of it)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return role, tuple(LoraSlice(r, s, n) for r, s, n in zip(roles, starts, sizes, strict=True))
 
@@ -160,7 +162,8 @@ def _matches(pattern: str, name: str, role: str) -> bool:
 
 def _select(site: LoraSite, patterns: tuple[str, ...]) -> tuple[LoraSlice, ...]:
     """The slices of `site` that some pattern names (all of them when one names the module)."""
-    if any(_matches(p, site.module, site.role) for p in patterns):
+    roles = {part.name for part in site.parts}  # a role wins over a module name: "up" is a gated `up`'s up half
+    if any(p not in roles and _matches(p, site.module, site.role) for p in patterns):
         return site.parts
     if len(site.parts) == 1:
         return ()

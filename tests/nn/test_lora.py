@@ -212,15 +212,23 @@ def _packed_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def test_quantized_base_input_gradient_is_the_dequantized_weight_s():
-    model = _int4_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: the packed kernels' forward
+def test_quantized_base_input_gradient_is_the_dequantized_weight_s_and_no_dense_weight_is_kept(dtype):
+    model = _int4_model().to(dtype)
     apply_lora(model, LoraConfig(rank=2, targets=("blocks.0.attn.qkv_proj",)))
     layer = model.blocks[0].attn.qkv_proj
     assert isinstance(layer.base, QuantLinear)
-    x = torch.randn(3, 64, requires_grad=True)
-    grad_out = torch.randn(3, layer.out_features)
-    layer(x).backward(grad_out)
-    torch.testing.assert_close(x.grad, grad_out @ layer.base.dequantize(), atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(3, layer.out_features, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = layer(x)
+    assert max(saved) < layer.out_features * layer.in_features  # autograd through F.linear would keep W (as W^T)
+    y.backward(grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    w = layer.base.dequantize(torch.float32)
+    torch.testing.assert_close(x.grad.float(), grad_out.float() @ w, atol=tol, rtol=tol)
+    torch.testing.assert_close(y.float(), x.detach().float() @ w.T, atol=tol, rtol=tol)  # B = 0: the base alone
 
 
 def test_qlora_trains_the_adapter_and_leaves_the_packed_base_bit_for_bit():

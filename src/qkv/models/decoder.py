@@ -22,11 +22,61 @@ from qkv.nn.linear import Linear
 __all__ = ["DecoderLM", "check_input_ids", "early_exit_draft", "next_token_loss"]
 
 
+# How many logits the loss turns to float32 at a time (16M: 64 MB), whatever the batch and vocabulary.
+LOSS_CHUNK = 1 << 24
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits [N, V] (any float dtype) against targets [N] (-100: ignored),
+    computed in float32 a chunk of rows at a time.
+
+    `F.cross_entropy(logits.float(), ...)` keeps a float32 copy of the logits and saves float32
+    log-probabilities [N, V] for the backward pass: with bf16 logits and a 49k vocabulary that is
+    6x the logits' own memory. Here the backward pass recomputes softmax from the logits (which the
+    caller holds anyway) and the log-sum-exp [N] saved by the forward pass, so nothing [N, V] is
+    kept beyond the logits and their gradient, which has their dtype as autograd's would.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        valid = targets != -100
+        picked = targets.masked_fill(~valid, 0)[:, None]
+        rows = max(1, LOSS_CHUNK // max(1, logits.shape[-1]))
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            chunk = logits[start : start + rows].float()
+            lse[start : start + rows] = torch.logsumexp(chunk, dim=-1)
+            nll = lse[start : start + rows] - chunk.gather(1, picked[start : start + rows]).squeeze(1)
+            total += nll.masked_fill(~valid[start : start + rows], 0.0).sum()
+        count = valid.sum()
+        ctx.save_for_backward(logits, picked, valid, lse, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, picked, valid, lse, count = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        rows = max(1, LOSS_CHUNK // max(1, logits.shape[-1]))
+        # d(mean nll)/d logits = (softmax - one_hot(target)) / count on the rows that count.
+        scale = (grad / count).float()
+        for start in range(0, logits.shape[0], rows):
+            end = start + rows
+            probs = logits[start:end].float().sub_(lse[start:end, None]).exp_()
+            probs.scatter_add_(1, picked[start:end], torch.full_like(probs[:, :1], -1.0))
+            probs.mul_(valid[start:end, None] * scale)
+            out[start:end] = probs
+        return out, None
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting labels[:, t+1] from logits[:, t]; label -100 is ignored."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).long(), ignore_index=-100
-    )
+    """Mean cross-entropy of predicting labels[:, t+1] from logits[:, t]; label -100 is ignored.
+
+    logits: [B, T, V], labels: [B, T]. The targets are shifted rather than the logits (the last
+    position gets -100), so the logits are never copied; see `_CrossEntropy` for the memory it saves.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).long()
+    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets)
 
 
 class DecoderLM(TransformerStack):

@@ -1,0 +1,297 @@
+"""Training speed: qkv's `Trainer` vs nanoGPT's `train.py`, on nanoGPT's CPU benchmark shape.
+
+    python benchmarks/train.py [--iters 8] [--warmup 3] [--repeats 2] [--threads N] [--compile]
+                               [--sides nanogpt,fp32,bf16] [--chars 1000000]
+    python benchmarks/train.py --optimizer [--threads N]    # AdamW alone: foreach vs fused
+
+The shape is nanoGPT's README CPU example scaled to its "baby GPT": char-level, GPT-2 style
+(learned positions, LayerNorm, exact GELU MLP, tied head), 4 layers, 4 heads, d_model 256, block
+256, batch 16, no bias, no dropout, AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1) with grad
+clipping at 1.0. Every side is its own fresh process with the same thread count (OMP_NUM_THREADS):
+- nanogpt: nanoGPT's unchanged `train.py` (vendored in benchmarks/peers/nanogpt, commit 3adf61e,
+  MIT) with `--device=cpu --compile=False --dtype=float32`; its CPU path runs fp32 eager whatever
+  --dtype says. Its own per-iteration times ("iter N: ... time X ms") are read from its output.
+- fp32 / bf16: qkv's `Trainer` (bf16 = `TrainingConfig(bf16=True)`: bfloat16 autocast, fp32
+  weights and optimizer) on the same `ModelConfig`-built GPT, timed around `Trainer.train`;
+- compiled (--compile): the bf16 side with `torch.compile` on the model; its compile time is
+  printed separately (it is paid once per process).
+
+Data: char-level ids of the Python standard library's sources (the text qkv's demo trains on),
+written in nanoGPT's format (train.bin / val.bin as uint16, meta.pkl with the vocabulary), the
+first 90% for training. nanoGPT draws each batch's windows with `torch.randint`; qkv's side reads
+the same train.bin with the same draw (its own generator, seed 1337), so both see windows of the
+same characters by the same rule, though not the same windows: nanoGPT's draws share its global
+generator with its weight initialisation.
+
+A round runs each side once (in the order given); --repeats rounds alternate them, so a load
+from other processes hits every side alike. Per side: the median ms/iter of the timed iterations
+(after --warmup), best over the rounds. Prints that table and the ratios nanoGPT/qkv (higher:
+qkv faster). Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NANOGPT = Path(__file__).resolve().parent / "peers" / "nanogpt"
+SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16)
+HYPER = dict(learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+SIDES = ("nanogpt", "fp32", "bf16", "compiled")
+ITER_LINE = re.compile(r"^iter (\d+): loss ([0-9.]+), time ([0-9.]+)ms")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- data --------------------------------------------------------------------------------------
+def build_dataset(directory: Path, n_chars: int) -> int:
+    """Write nanoGPT's char-level files (train.bin, val.bin, meta.pkl) of the first `n_chars`
+    characters of the standard library's sources into `directory` -> the vocabulary size."""
+    from qkv.demo import stdlib_sources
+
+    parts, total = [], 0
+    for path in stdlib_sources(max_bytes=4 * n_chars):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= n_chars:
+            break
+    data = "".join(parts)[:n_chars]
+    chars = sorted(set(data))  # nanoGPT's data/shakespeare_char/prepare.py from here on
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    ids = np.array([stoi[c] for c in data], dtype=np.uint16)
+    split = int(len(ids) * 0.9)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids[:split].tofile(directory / "train.bin")
+    ids[split:].tofile(directory / "val.bin")
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi}
+    (directory / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return len(chars)
+
+
+class WindowSource:
+    """Batches [B, T] of random windows of train.bin, drawn as nanoGPT's `get_batch` draws them
+    (`torch.randint(len(data) - T, (B,))`), from a generator of its own; a `BatchSource`."""
+
+    def __init__(self, path: Path, batch_size: int, block_size: int, seed: int = 1337) -> None:
+        import torch
+
+        self.data = torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64))
+        self.batch_size, self.block_size = batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.arange(block_size)
+
+    def next_batch(self):
+        import torch
+
+        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)
+        return self.data[ix[:, None] + self.offsets]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# -- the two sides -----------------------------------------------------------------------------
+def nanogpt_command(data_dir: Path, out_dir: Path, iters: int) -> list[str]:
+    shape = {**SHAPE, **HYPER}
+    args = [f"--{k}={v}" for k, v in shape.items()]
+    return [
+        sys.executable, "train.py", "--device=cpu", "--compile=False", "--dtype=float32", "--bias=False",
+        "--dropout=0.0", "--gradient_accumulation_steps=1", f"--dataset={data_dir}", f"--out_dir={out_dir}",
+        f"--max_iters={iters - 1}", f"--lr_decay_iters={iters}", "--warmup_iters=0", "--eval_interval=1000000",
+        "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False", *args,
+    ]  # fmt: skip
+
+
+def run_nanogpt(data_dir: Path, out_dir: Path, iters: int, env: dict[str, str]) -> list[tuple[float, float]]:
+    """nanoGPT's train.py for `iters` iterations -> [(ms, loss)] per iteration, as it prints them."""
+    proc = subprocess.run(
+        nanogpt_command(data_dir, out_dir, iters), cwd=NANOGPT, env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"nanoGPT's train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    rows = [ITER_LINE.match(line) for line in proc.stdout.splitlines()]
+    rows = [(float(m.group(3)), float(m.group(2))) for m in rows if m]
+    if len(rows) != iters:
+        raise RuntimeError(f"expected {iters} 'iter N: ... time X ms' lines from nanoGPT, got:\n{proc.stdout[-3000:]}")
+    return rows
+
+
+def build_model(vocab_size: int):
+    """qkv's GPT of the benchmark shape: the gpt2 preset without biases, exact GELU as nanoGPT's."""
+    from qkv.config import ModelConfig
+    from qkv.models import DecoderLM
+
+    cfg = ModelConfig.from_name(
+        "gpt2", vocab_size=vocab_size, d_model=SHAPE["n_embd"], n_layers=SHAPE["n_layer"], n_heads=SHAPE["n_head"],
+        max_seq_len=SHAPE["block_size"], mlp="gelu", qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+        norm_bias=False, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return DecoderLM(cfg)
+
+
+def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
+    """One qkv side in this process -> {"rows": [(ms, loss)], "compile_s": ...}."""
+    import torch
+
+    from qkv.training import Trainer, TrainingConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(1337)
+    model = build_model(pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"])
+    config = TrainingConfig(
+        steps=iters, lr=HYPER["learning_rate"], min_lr=HYPER["min_lr"], weight_decay=HYPER["weight_decay"],
+        betas=(HYPER["beta1"], HYPER["beta2"]), grad_clip=HYPER["grad_clip"], bf16=side != "fp32", progress=False,
+    )  # fmt: skip
+    source = WindowSource(data_dir / "train.bin", SHAPE["batch_size"], SHAPE["block_size"])
+    compile_s = None
+    if side == "compiled":
+        model.compile()
+        compile_s = time.perf_counter()  # the first step traces and compiles: timed from here to its end
+    trainer = Trainer(model, config, source)
+    rows = []
+    for step in range(1, iters + 1):
+        start = time.perf_counter()
+        record = trainer.train(until=step)[-1]
+        rows.append(((time.perf_counter() - start) * 1e3, record["loss"]))
+        if compile_s is not None and step == 1:
+            compile_s = time.perf_counter() - compile_s
+    return {"rows": rows, "compile_s": compile_s}
+
+
+def run_qkv(side: str, data_dir: Path, iters: int, threads: int, env: dict[str, str]) -> dict:
+    """`qkv_worker` in a fresh process (the same start as nanoGPT's side)."""
+    cmd = [sys.executable, __file__, "--worker", side, "--data", str(data_dir), "--iters", str(iters),
+           "--threads", str(threads)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"qkv {side} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def optimizer_times(threads: int, repeats: int = 20) -> dict[str, float]:
+    """Best ms of one AdamW update (`build_optimizer`) over the benchmark model's parameters, with
+    torch's foreach implementation and with its fused kernel."""
+    import torch
+
+    from qkv.training.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    model = build_model(96)
+    times = {}
+    for name, fused in (("foreach", False), ("fused", True)):
+        optimizer = build_optimizer(model, lr=1e-3, fused=fused)
+        best = float("inf")
+        for _ in range(repeats):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 1e-3)
+            start = time.perf_counter()
+            optimizer.step()
+            best = min(best, time.perf_counter() - start)
+        times[name] = best * 1e3
+    return times
+
+
+# -- report ------------------------------------------------------------------------------------
+def summarize(rounds: list[list[tuple[float, float]]], warmup: int) -> dict:
+    """Median ms/iter of each round's timed iterations -> best round, every round, mean loss."""
+    medians = [statistics.median(ms for ms, _ in rows[warmup:]) for rows in rounds]
+    losses = [loss for rows in rounds for _, loss in rows[warmup:]]
+    return {"ms": min(medians), "rounds": medians, "loss": statistics.mean(losses)}
+
+
+def table(results: dict[str, dict]) -> str:
+    base = results.get("nanogpt", {}).get("ms")
+    lines = [f"{'side':10} {'ms/iter':>9} {'vs nanoGPT':>11} {'mean loss':>10}  rounds (median ms/iter)"]
+    for side, r in results.items():
+        ratio = f"{base / r['ms']:.2f}x" if base and side != "nanogpt" else "-"
+        rounds = " ".join(f"{ms:.1f}" for ms in r["rounds"])
+        lines.append(f"{side:10} {r['ms']:9.1f} {ratio:>11} {r['loss']:10.4f}  {rounds}")
+        if r.get("compile_s"):
+            lines.append(f"{'':10} first step (trace + compile + run): {r['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=8, help="timed iterations per side and round (default 8)")
+    p.add_argument("--warmup", type=int, default=3, help="iterations run before timing (default 3)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over the sides (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="threads of every side (default: physical cores)")
+    p.add_argument("--sides", default="nanogpt,fp32,bf16", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--compile", action="store_true", help="add the compiled side (bf16 + torch.compile)")
+    p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
+    p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
+    p.add_argument("--worker", choices=SIDES[1:], help=argparse.SUPPRESS)
+    p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(qkv_worker(args.worker, args.data, args.iters, args.threads)))
+        return 0
+    if args.optimizer:
+        from qkv.threads import physical_cores
+
+        times = optimizer_times(args.threads or physical_cores())
+        print(f"AdamW update of the benchmark model: foreach {times['foreach']:.2f} ms, fused {times['fused']:.2f} ms "
+              f"({times['foreach'] / times['fused']:.1f}x)")  # fmt: skip
+        return 0
+    sides = [s for s in args.sides.split(",") if s] + (["compiled"] if args.compile else [])
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown:
+        p.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    if args.iters < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--iters and --repeats must be >= 1 and --warmup >= 0")
+    from qkv.threads import physical_cores
+
+    threads = args.threads or physical_cores()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+    env.pop("QKV_THREADS", None)
+    total = args.warmup + args.iters
+    with tempfile.TemporaryDirectory(prefix="qkv-train-bench-") as tmp:
+        data_dir = Path(tmp) / "stdlib_char"
+        vocab = build_dataset(data_dir, args.chars)
+        log(f"data: {args.chars:,} characters of the standard library's sources, vocabulary {vocab}; "
+            f"{threads} threads; {args.warmup} + {args.iters} iterations per side, {args.repeats} rounds")  # fmt: skip
+        runs: dict[str, list] = {s: [] for s in sides}
+        compile_s: dict[str, float] = {}
+        for round_ in range(args.repeats):
+            for side in sides:
+                start = time.perf_counter()
+                if side == "nanogpt":
+                    rows = run_nanogpt(data_dir, Path(tmp) / "out", total, env)
+                else:
+                    out = run_qkv(side, data_dir, total, threads, env)
+                    rows = [tuple(r) for r in out["rows"]]
+                    if out["compile_s"] is not None:
+                        compile_s[side] = min(compile_s.get(side, 1e9), out["compile_s"])
+                runs[side].append(rows)
+                median = statistics.median(ms for ms, _ in rows[args.warmup :])
+                log(f"round {round_ + 1}/{args.repeats} {side}: {median:.1f} ms/iter "
+                    f"({time.perf_counter() - start:.0f} s in all)")  # fmt: skip
+    results = {s: summarize(runs[s], args.warmup) | {"compile_s": compile_s.get(s)} for s in sides}
+    import torch
+
+    print(f"torch {torch.__version__}, {threads} threads; shape: {SHAPE}, vocabulary {vocab}")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

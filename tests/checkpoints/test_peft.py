@@ -133,6 +133,32 @@ def test_peft_adapter_loads_in_qkv_with_equal_logits(family, tmp_path):
     assert all(torch.equal(original[k], again[k]) for k in original)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_rslora_and_dropout_settings_round_trip(tmp_path, rslora):
+    """use_rslora (scaling alpha / sqrt(r)) and lora_dropout come from PEFT's file and go back into qkv's."""
+    hf = make_hf_model("gpt2")
+    hf.save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=6, lora_dropout=0.1, use_rslora=rslora, target_modules=["c_attn"])
+    peft_model = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for key, p in peft_model.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = peft_model.eval()(input_ids=ids).logits
+    model = qkv.load(tmp_path / "base")
+    load_adapter(model, tmp_path / "adapter")
+    layer = model.blocks[0].attn.qkv_proj
+    assert layer.scaling == (6 / 2 if rslora else 6 / 4) and layer.dropout.p == 0.1
+    with torch.no_grad():
+        assert (model(ids).logits - theirs).abs().max() <= TOL
+    save_adapter(model, tmp_path / "again")
+    written = json.loads((tmp_path / "again" / ADAPTER_CONFIG).read_text())
+    assert (written["use_rslora"], written["lora_dropout"], written["fan_in_fan_out"]) == (rslora, 0.1, True)
+
+
 def test_merged_model_equals_adapter_and_saves_a_plain_checkpoint(family, tmp_path):
     _, _, base, targets, _ = family
     model = qkv.load(base)

@@ -81,6 +81,7 @@ def test_fresh_adapter_changes_nothing_and_only_lora_trains():
     assert names[:4] == ["blocks.0.attn.qkv_proj.q", "blocks.0.attn.qkv_proj.k", "blocks.0.attn.qkv_proj.v",
                          "blocks.0.attn.o_proj"]  # fmt: skip
     assert len(names) == 4 * model.config.n_layers
+    assert not any(m.training for m in model.modules())  # wrappers join an eval-mode model in eval mode
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -207,6 +207,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(sum(s.size for s in self.slices), r, device=device))
         for i in range(n):  # PEFT's init of each slice's A on its own [r, in] (same bound: fan_in = in)
             nn.init.kaiming_uniform_(self.lora_A.data[i * r : (i + 1) * r], a=math.sqrt(5))
+        self.train(base.training)  # a wrapper added to a model in eval mode is in eval mode (no dropout)
 
     @property
     def in_features(self) -> int:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from qkv.cli.main import main
 from qkv.loading import load
@@ -81,3 +82,58 @@ def test_train_on_digits_saves_a_model_that_classifies(task, tmp_path, capsys):
 def test_task_needs_data(capsys):
     assert main(["train", "--task", "clip", "--steps", "5"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_nproc_must_divide_the_global_batch(corpus, tmp_path, capsys):
+    assert train(corpus, tmp_path / "run", "--steps", "1", "--nproc", "3") == 2  # --batch-size 2
+    err = capsys.readouterr().err
+    assert "--batch-size 2 is the global batch and must split evenly over 3 processes" in err
+    assert not (tmp_path / "run").exists()  # refused before any process started
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "tiny-llama"], "was trained with a different model config than preset 'tiny-llama'"),
+        (["--objective", "span", "--preset", "tiny-t5"], "is a run of objective 'causal', not 'span'"),
+    ],
+    ids=["preset", "objective"],
+)
+def test_resuming_a_sharded_checkpoint_with_another_run_is_refused(corpus, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "2", "--sharded-checkpoint") == 0
+    assert (out / "checkpoint" / "distributed" / ".metadata").is_file()
+    capsys.readouterr()
+    assert train(corpus, out, "--steps", "4", "--resume", *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resuming_a_partial_sharded_checkpoint_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(corpus, out, "--steps", "2", "--sharded-checkpoint") == 0
+    (out / "checkpoint" / "distributed" / ".metadata").unlink()
+    capsys.readouterr()
+    assert train(corpus, out, "--steps", "4", "--resume") == 2
+    assert "has no .metadata: the sharded checkpoint was not written completely" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two torchrun launches and a single-process run: ~45 s on 2 busy cores
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
+def test_nproc_2_trains_as_one_process_and_resumes_on_one(corpus, tmp_path, shard):
+    """`qkv train --nproc 2` (torchrun, gloo) logs the losses of the same command on one process
+    (within 1e-5); its sharded checkpoint resumes with --resume on one process."""
+
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--batch-size", "4", "--save-every", "2"]
+    assert train(corpus, one, *flags, "--steps", "6") == 0
+    assert train(corpus, two, *flags, "--steps", "6", "--nproc", "2", *(["--shard"] if shard else [])) == 0
+    assert sorted(p.name for p in (two / "checkpoint" / "distributed").iterdir())[0] == ".metadata"
+    assert load(two / "checkpoint").tokenizer is not None
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=0, atol=1e-5)
+    for out in (one, two):  # both continue on one process, for 2 more steps
+        assert train(corpus, out, *flags, "--steps", "8", "--resume") == 0
+    assert steps_logged(two) == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(one)), rtol=0, atol=1e-5)

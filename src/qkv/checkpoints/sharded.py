@@ -18,7 +18,7 @@ Nothing half-written is ever taken for a checkpoint: every rank writes into the 
 sibling `.checkpoint.tmp-sharded`, DCP writes its `.metadata` last, rank 0 writes
 training_state.pt after all ranks are done, and only then is the directory renamed into place
 (`qkv.atomic.replace_directory`). A run killed mid-save leaves the temporary directory, which
-`path` never points to; the next save (or resume) removes it.
+`path` never points to; the next save or resume (`recover_unfinished_saves`) removes it.
 """
 
 from __future__ import annotations
@@ -54,16 +54,32 @@ def stale_saves(path: str | os.PathLike) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
 
 
-def remove_stale_saves(path: str | os.PathLike, report: bool = False) -> list[Path]:
-    """Delete what `stale_saves` finds (rank 0 only); with `report`, say so on stderr."""
+def recover_unfinished_saves(path: str | os.PathLike, report: bool = False) -> list[Path]:
+    """Clear what a save killed midway left next to `path` (rank 0 acts, every rank may call it)
+    -> the directories removed. Temporary directories are deleted; if the kill came in the instant
+    between the two renames of `replace_directory` (`path` absent, the previous checkpoint at its
+    backup name), the previous checkpoint is put back. With `report`, each action is said on stderr."""
+    from qkv.atomic import backup_path
     from qkv.training import distributed
 
+    path = Path(path)
     stale = stale_saves(path)
-    if distributed.is_main():
-        for tmp in stale:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if report:
-                print(f"qkv: removed {tmp}, an unfinished checkpoint save (the run stopped mid-save)", file=sys.stderr)
+    if not distributed.is_main():
+        return stale
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if report:
+            print(
+                f"qkv: removed {tmp}, a checkpoint save that did not finish (the run stopped mid-save)", file=sys.stderr
+            )
+    backup = backup_path(path)
+    if backup.is_dir() and not path.exists():
+        os.rename(backup, path)
+        if report:
+            print(
+                f"qkv: {path} was replaced when the run stopped; restored the previous one from {backup}",
+                file=sys.stderr,
+            )
     return stale
 
 
@@ -161,7 +177,7 @@ def save_sharded(
     if distributed.is_main():
         try:
             check_replaceable(path, is_native_checkpoint, "qkv checkpoint")
-            remove_stale_saves(path)
+            recover_unfinished_saves(path)
         except CheckpointError as exc:
             error = exc
     error = distributed.broadcast(error)

@@ -14,15 +14,26 @@ transformer-base) with a byte-level BPE tokenizer holding </s>, <pad>, <mask> an
 The run directory (--out) gets metrics.jsonl, loss_curve.png and checkpoint/ (a qkv checkpoint
 that `qkv.load`, `qkv generate` and `qkv finetune` read). --resume continues from checkpoint/:
 run the same command again with --resume.
+
+--nproc N trains on N processes (DDP; --shard for FSDP2) by running the same command under
+torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N -m qkv.cli.main train
+...`); torchrun can also be called directly, e.g. across machines with --nnodes and
+--rdzv-endpoint. --batch-size stays the global batch: each process takes batch-size / N rows.
+A multi-process run saves a sharded checkpoint (checkpoint/distributed/, through
+torch.distributed.checkpoint) next to the plain one, and resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 from qkv.cli.args import non_negative_float, non_negative_int, positive_int, probability
 from qkv.errors import UsageError
+from qkv.training import distributed
 from qkv.training.pretrain import OBJECTIVES, pretrain
 from qkv.training.trainer import Trainer, TrainingConfig, describe_eval
 from qkv.training.vision import TASKS
@@ -46,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_training_arguments(p, out_default="runs/<preset>", batch_size=8, lr=1e-3, weight_decay=0.1)
     p.add_argument("--tokenizer", default=None, help="use this tokenizer (file or directory) instead of training one")
     p.add_argument("--vocab-size", type=positive_int, default=None, help="tokenizer vocabulary (default: the preset's)")
-    p.set_defaults(func=run)
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="processes on this machine (launches torchrun; --batch-size stays global)")  # fmt: skip
+    p.set_defaults(func=run, parser=p)
 
 
 def add_training_arguments(
@@ -69,6 +82,11 @@ def add_training_arguments(
     p.add_argument("--resume", action="store_true", help="continue the run saved in <out>/checkpoint")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--shard", action="store_true", help="multi-process: FSDP2 (states split over processes), not DDP")
+    p.add_argument("--sharded-checkpoint", action="store_true",
+                   help="one process: save a sharded checkpoint too (multi-process runs always do)")  # fmt: skip
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block in backward: less memory, more compute")  # fmt: skip
 
 
 def training_config(args: argparse.Namespace, out: Path) -> TrainingConfig:
@@ -87,6 +105,9 @@ def training_config(args: argparse.Namespace, out: Path) -> TrainingConfig:
         eval_batches=args.eval_batches,
         out_dir=str(out),
         progress=not args.quiet,
+        shard=args.shard,
+        sharded_checkpoint=True if args.sharded_checkpoint else None,
+        grad_checkpoint=args.grad_checkpoint,
     )
 
 
@@ -98,19 +119,54 @@ def summary(trainer: Trainer, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and distributed.detect().world_size == 1:
+        return launch(args, args.nproc)
     if args.task is not None:
         return _train_images(args)
     if not args.corpus or not args.preset:
         raise UsageError("give --corpus and --preset (text), or --task and --data (images)")
     out = Path(args.out or Path("runs") / args.preset)
-    trainer = pretrain(
-        args.corpus, args.preset, training_config(args, out), objective=args.objective, seq_len=args.seq_len,
-        batch_size=args.batch_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, mask_prob=args.mask_prob,
-        whole_word=args.whole_word,
-    )  # fmt: skip
-    print(summary(trainer, out))
+    try:
+        trainer = pretrain(
+            args.corpus, args.preset, training_config(args, out), objective=args.objective, seq_len=args.seq_len,
+            batch_size=args.batch_size, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction, seed=args.seed, resume=args.resume, mask_prob=args.mask_prob,
+            whole_word=args.whole_word,
+        )  # fmt: skip
+        if trainer.dist.is_main:
+            print(summary(trainer, out))
+    finally:
+        distributed.destroy()
     return 0
+
+
+def launch(args: argparse.Namespace, nproc: int) -> int:
+    """Run this same `qkv train` command on `nproc` processes of this machine under torchrun -> its exit code."""
+    if args.task is not None:
+        raise UsageError("--nproc is for text pretraining (--corpus); --task runs train on one process")
+    distributed.split_rows(args.batch_size, distributed.DistEnv(0, nproc))  # before starting any process
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "qkv.cli.main", "train", *command_line(args.parser, args, skip=("nproc",))]  # fmt: skip
+    return subprocess.run(command, check=False).returncode
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that give `args` again when parsed by `parser` (those not at their defaults)."""
+    argv: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or action.dest == "help":
+            continue
+        value: Any = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def _train_images(args: argparse.Namespace) -> int:

@@ -14,7 +14,11 @@ This is what `qkv train` runs. The objective decides the rest:
 A fresh run trains a tokenizer on the corpus (unless one is given), builds the preset with the
 tokenizer's vocabulary, and trains. A resumed run takes the model and tokenizer from
 `<out_dir>/checkpoint` and continues exactly where it stopped; give it the same corpus, objective,
-seq_len, batch_size and val_fraction as the original run.
+preset, seq_len, batch_size and val_fraction as the original run (the objective and the preset's
+model config are checked against the checkpoint's).
+
+Under torchrun every rank runs this function: each builds the same tokenizer and model (same
+files, same seed; checked), and the `Trainer` splits the work (`qkv.training.distributed`).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from qkv.checkpoints.native import load_native
+from qkv.checkpoints.native import load_native, load_training_state
 from qkv.config import ModelConfig
 from qkv.errors import UsageError
 from qkv.models import DecoderLM, Encoder, EncoderDecoder
+from qkv.training import distributed
 from qkv.training.data import BlockLoader, causal_lm_batch, corpus_files, load_corpus
 from qkv.training.electra import ReplacedTokenDetection, generator_config, replaced_token_accuracy
 from qkv.training.masking import MaskedLMCollator, masked_token_accuracy
@@ -111,6 +116,39 @@ def check_objective(objective: str, cfg: ModelConfig, preset: str | None = None)
         )
 
 
+# Fields a run sets from its tokenizer or objective, not from the preset.
+_NOT_FROM_PRESET = {"vocab_size", "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "head"}
+
+
+def check_resume_matches(checkpoint: Path, model: nn.Module, objective: str, preset: str | None) -> None:
+    """UsageError unless the run saved at `checkpoint` was started with this objective and preset:
+    the objective saved with the run (and the model family and head it trains), and the preset's
+    model config against the saved one."""
+    saved = load_training_state(checkpoint).get("run_info", {}).get("objective")
+    if saved is not None and saved != objective:
+        raise UsageError(
+            f"{checkpoint} is a run of objective {saved!r}, not {objective!r}; resume with --objective {saved}"
+        )
+    check_objective(objective, model.config, "(the checkpoint's)")
+    if model.config.head != OBJECTIVE_HEAD[objective]:
+        raise UsageError(
+            f"{checkpoint} holds a model with head {model.config.head!r}, not one that objective {objective!r} "
+            "trains; resume with the objective the run was started with"
+        )
+    if preset is None:
+        return
+    ours, theirs = ModelConfig.from_name(preset).to_dict(), model.config.to_dict()
+    differ = sorted(
+        k for k in ours.keys() | theirs.keys() if k not in _NOT_FROM_PRESET and ours.get(k) != theirs.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"{k}: saved {theirs.get(k)!r}, preset {ours.get(k)!r}" for k in differ[:6])
+        raise UsageError(
+            f"{checkpoint} was trained with a different model config than preset {preset!r} ({shown}); "
+            "resume with the preset the run was started with"
+        )
+
+
 def build_pretraining_model(
     cfg: ModelConfig, objective: str, tokenizer: Any, generator_size: float = 0.25
 ) -> nn.Module:
@@ -155,14 +193,16 @@ def pretrain(
     """
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    distributed.init()
     checkpoint = run_checkpoint(config, resume)
     if checkpoint is not None:
-        model = ReplacedTokenDetection.from_checkpoint(checkpoint) if objective == "rtd" else load_native(checkpoint)
-        if model.config.head != OBJECTIVE_HEAD[objective]:
-            raise UsageError(
-                f"{checkpoint} holds a model with head {model.config.head!r}, not one that objective {objective!r} "
-                "trains; resume with the objective the run was started with"
-            )
+        from qkv.checkpoints.sharded import recover_unfinished_saves
+
+        recover_unfinished_saves(checkpoint, report=True)
+        saved_objective = load_training_state(checkpoint).get("run_info", {}).get("objective")
+        rtd = (saved_objective or objective) == "rtd"
+        model = ReplacedTokenDetection.from_checkpoint(checkpoint) if rtd else load_native(checkpoint)
+        check_resume_matches(checkpoint, model, objective, preset)
         tokenizer = model.tokenizer
         if tokenizer is None:
             raise UsageError(f"{checkpoint} has no tokenizer.json, so the corpus cannot be re-encoded for resume")
@@ -184,6 +224,7 @@ def pretrain(
         else:
             roles = ("bos_token_id", "eos_token_id") + (() if objective == "causal" else ("pad_token_id",))
             cfg = cfg.replace(vocab_size=vocab_size_of(tokenizer), **{r: getattr(tokenizer, r, None) for r in roles})
+        distributed.same_on_all_ranks(_vocabulary(tokenizer), "the tokenizer")
         model = build_pretraining_model(cfg, objective, tokenizer)
     max_len = model.config.max_seq_len
     seq_len = seq_len or min(256, max_len)
@@ -210,12 +251,21 @@ def pretrain(
             "accuracy": masked_token_accuracy if objective == "mlm" else replaced_token_accuracy,
         }
     loader = BlockLoader(data.train, batch_size, seed=seed)
+    options["run_info"] = {"objective": objective, "preset": preset}
     if checkpoint is not None:
         trainer = Trainer.from_checkpoint(checkpoint, loader, data.val, collate, config=config, model=model, **options)
     else:
         trainer = Trainer(model, config, loader, data.val, collate, **options)
     trainer.train()
     return trainer
+
+
+def _vocabulary(tokenizer: Any) -> list[tuple[str, int]] | None:
+    """The (token, id) pairs (what must agree between ranks that each trained a tokenizer)."""
+    engine = getattr(tokenizer, "engine", tokenizer)  # qkv's Tokenizer wraps a `tokenizers.Tokenizer`
+    if not hasattr(engine, "get_vocab"):
+        return None
+    return sorted(engine.get_vocab(with_added_tokens=True).items())
 
 
 def _seq2seq_data(

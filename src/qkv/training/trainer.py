@@ -117,6 +117,7 @@ class TrainingConfig:
     progress: bool = True  # show a tqdm progress bar
     shard: bool = False  # under torchrun: FSDP2 (weights, gradients, optimizer state split over ranks), not DDP
     sharded_checkpoint: bool | None = None  # DCP checkpoints (None: when training on several processes)
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, more compute)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -175,9 +176,11 @@ class Trainer:
         eval_batch_size: int | None = None,
         eval_collate: Collate | None = None,
         accuracy: Accuracy | None = None,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
         """collate: training blocks -> batch; eval_collate: validation blocks -> batch (default:
-        collate); accuracy: counted at each evaluation and logged as `eval_accuracy`.
+        collate); accuracy: counted at each evaluation and logged as `eval_accuracy`; run_info:
+        plain facts about the run saved with its checkpoints (e.g. the objective, checked on resume).
 
         Under torchrun this joins the process group, wraps the model (DDP, or FSDP2 in place when
         `config.shard`) and gives `train_data` its rank's share (`shard(rank, world_size)`).
@@ -191,8 +194,16 @@ class Trainer:
                     f"(e.g. BlockLoader) so each rank reads its own rows; {type(train_data).__name__} has none"
                 )
             shard(self.dist.rank, self.dist.world_size)
+        if config.grad_checkpoint:
+            from qkv.models.stack import set_grad_checkpointing
+
+            try:
+                set_grad_checkpointing(model, True)
+            except ValueError as exc:
+                raise UsageError(f"grad_checkpoint: {exc}") from None
         self.model = model
         self.wrapped = distributed.wrap(model, shard=config.shard)  # what a training step calls
+        self.run_info = dict(run_info or {})
         self.config = config
         self.train_data = train_data
         self.val_blocks = val_blocks if val_blocks is not None and len(val_blocks) else None
@@ -354,6 +365,7 @@ class Trainer:
             "step": self.step,
             "schedule": dataclasses.asdict(self.schedule),
             "training_config": self.config.to_dict(),
+            "run_info": self.run_info,
         }
         if config is not None and hasattr(config, "to_dict"):
             state["model_config"] = config.to_dict()
@@ -440,7 +452,7 @@ class Trainer:
         eval_batch_size). A sharded checkpoint resumes on any number of processes (every rank
         calls this); unfinished saves left next to `path` are removed and reported.
         """
-        sharded.remove_stale_saves(path, report=True)
+        sharded.recover_unfinished_saves(path, report=True)
         state = load_training_state(path)
         if state.get("format") == "sharded":
             sharded.check_complete(path)

@@ -23,7 +23,7 @@ from qkv.nn.lora import (
     lora_parameters,
     merge_lora,
 )
-from qkv.nn.quant import QuantLinear, quantize_model, quantized_modules
+from qkv.nn.quant import QuantLinear, prepare_model, quantize_model, quantized_modules
 
 
 def _randomize(model: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
@@ -215,8 +215,9 @@ def _packed_state(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bfloat16: the packed kernels' forward
 def test_quantized_base_input_gradient_is_the_dequantized_weight_s_and_no_dense_weight_is_kept(dtype):
-    model = _int4_model().to(dtype)
+    model = prepare_model(_int4_model().to(dtype))  # bfloat16: the packed kernel form, stored qweight released
     apply_lora(model, LoraConfig(rank=2, targets=("blocks.0.attn.qkv_proj",)))
+    assert all(p.device.type == "cpu" for p in lora_parameters(model))
     layer = model.blocks[0].attn.qkv_proj
     assert isinstance(layer.base, QuantLinear)
     x = torch.randn(3, 64, dtype=dtype, requires_grad=True)

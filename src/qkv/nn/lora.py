@@ -201,7 +201,8 @@ class LoraLinear(nn.Module):
         self.rank, self.alpha, self.rslora = config.rank, config.alpha, config.rslora
         self.scaling = config.scaling
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        device = next((t.device for t in base.parameters()), None) or next(t.device for t in base.buffers())
+        # a packed QuantLinear's stored `qweight` is an empty meta placeholder: take a tensor that holds data
+        device = next(t.device for t in (*base.parameters(), *base.buffers()) if not t.is_meta)
         n, r = len(self.slices), config.rank
         self.lora_A = nn.Parameter(torch.empty(n * r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(sum(s.size for s in self.slices), r, device=device))

@@ -182,7 +182,9 @@ class _FrozenQuantLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype), None  # [..., out] @ [out, in]
+        # `_dense_weight` equals `dequantize` bit for bit and, once the packed kernel form is built
+        # (bfloat16), decodes it directly (qkv's C kernel) instead of unpacking it back to the stored form
+        return grad @ ctx.layer._dense_weight(grad.dtype), None  # [..., out] @ [out, in]
 
 
 class LoraLinear(nn.Module):

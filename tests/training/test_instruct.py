@@ -253,3 +253,19 @@ def test_smollm2_few_steps(smollm2_tokenizer, data):
     torch.set_num_threads(DEFAULT_THREADS)  # (the `one_thread` fixture puts one thread back afterwards)
     result = instruct_finetune(model, config, data=few, batch_size=4, sample_tokens=4)
     assert result.loss_after < result.loss_before
+
+
+def test_grad_checkpoint_trains_the_same(chatml_model, data):
+    """`TrainingConfig(grad_checkpoint=True)` (`qkv finetune --grad-checkpoint`): the same losses."""
+    import copy
+
+    from qkv.models.stack import TransformerStack
+
+    runs = []
+    for flag in (False, True):
+        model = copy.deepcopy(chatml_model)
+        config = TrainingConfig(steps=3, lr=3e-3, warmup_steps=0, grad_checkpoint=flag, progress=False)
+        result = instruct_finetune(model, config, data=data, batch_size=4, max_len=512, sample_tokens=2)
+        assert all(s.grad_checkpointing == flag for s in model.modules() if isinstance(s, TransformerStack))
+        runs.append([r["loss"] for r in result.trainer.history if "loss" in r] + [result.loss_after])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)

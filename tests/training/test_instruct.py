@@ -6,6 +6,7 @@ chat-template mask (labels on the assistant's answer and end-of-turn token only)
 from __future__ import annotations
 
 import ast
+import dataclasses
 import shutil
 import sysconfig
 from pathlib import Path
@@ -269,3 +270,25 @@ def test_grad_checkpoint_trains_the_same(chatml_model, data):
         assert all(s.grad_checkpointing == flag for s in model.modules() if isinstance(s, TransformerStack))
         runs.append([r["loss"] for r in result.trainer.history if "loss" in r] + [result.loss_after])
     assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_resume_gives_the_uninterrupted_losses(chatml_model, data, tmp_path):
+    """Stop after 2 of 4 steps, resume from the checkpoint: the losses of one run of 4 steps (a
+    constant learning rate, so the shorter first run has the same schedule)."""
+    import copy
+
+    def run(steps: int, out: Path, resume: bool = False) -> list[float]:
+        config = TrainingConfig(steps=4, lr=3e-3, min_lr=3e-3, warmup_steps=0, out_dir=str(out), progress=False)
+        model = copy.deepcopy(chatml_model)
+        if steps < 4:  # the first half: a trainer stopped early, its checkpoint saved
+            result = instruct_finetune(model, dataclasses.replace(config, steps=steps), data=data, batch_size=4,
+                                       max_len=512, sample_tokens=2)  # fmt: skip
+        else:
+            result = instruct_finetune(model, config, data=data, batch_size=4, max_len=512, sample_tokens=2,
+                                       resume=resume)  # fmt: skip
+        return [r["loss"] for r in result.trainer.history if "loss" in r]
+
+    whole = run(4, tmp_path / "whole")
+    first = run(2, tmp_path / "split")
+    second = run(4, tmp_path / "split", resume=True)
+    assert first + second == pytest.approx(whole, rel=1e-6)

@@ -3,6 +3,7 @@
     python benchmarks/train.py [--iters 8] [--warmup 3] [--repeats 2] [--threads N] [--compile]
                                [--sides nanogpt,fp32,bf16] [--chars 1000000]
     python benchmarks/train.py --optimizer [--threads N]    # AdamW alone: foreach vs fused
+    python benchmarks/train.py --attention [--threads N]    # attention fwd+bwd: fused kernel vs block-causal
 
 The shape is nanoGPT's README CPU example scaled to its "baby GPT": char-level, GPT-2 style
 (learned positions, LayerNorm, exact GELU MLP, tied head), 4 layers, 4 heads, d_model 256, block
@@ -208,6 +209,33 @@ def optimizer_times(threads: int, repeats: int = 20) -> dict[str, float]:
     return times
 
 
+def attention_times(threads: int, repeats: int = 7) -> dict[str, float]:
+    """Best ms of one causal self-attention forward + backward at the benchmark's shape
+    [16, 4, 256, 64], float32 and bfloat16: torch's fused kernel (`F.scaled_dot_product_attention`,
+    is_causal) vs qkv's block-causal `causal_attention`."""
+    import torch
+    import torch.nn.functional as F
+
+    from qkv.nn.causal_attention import causal_attention
+
+    torch.set_num_threads(threads)
+    B, H, T, hd = SHAPE["batch_size"], SHAPE["n_head"], SHAPE["block_size"], SHAPE["n_embd"] // SHAPE["n_head"]
+    sides = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "block-causal": lambda q, k, v: causal_attention(q, k, v, hd**-0.5)}  # fmt: skip
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(B, T, H, hd, dtype=dtype).transpose(1, 2).requires_grad_(True) for _ in range(3))
+        grad = torch.randn(B, H, T, hd, dtype=dtype)
+        for name, fn in sides.items():
+            best = float("inf")
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                fn(q, k, v).backward(grad)
+                best = min(best, time.perf_counter() - start)
+            times[f"{name} {str(dtype).removeprefix('torch.')}"] = best * 1e3
+    return times
+
+
 # -- report ------------------------------------------------------------------------------------
 def summarize(rounds: list[list[tuple[float, float]]], warmup: int) -> dict:
     """Median ms/iter of each round's timed iterations -> best round, every round, mean loss."""
@@ -238,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="add the compiled side (bf16 + torch.compile)")
     p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
     p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
+    p.add_argument("--attention", action="store_true", help="time attention fwd+bwd, fused vs block-causal, and exit")
     p.add_argument("--worker", choices=SIDES[1:], help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -250,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         times = optimizer_times(args.threads or physical_cores())
         print(f"AdamW update of the benchmark model: foreach {times['foreach']:.2f} ms, fused {times['fused']:.2f} ms "
               f"({times['foreach'] / times['fused']:.1f}x)")  # fmt: skip
+        return 0
+    if args.attention:
+        from qkv.threads import physical_cores
+
+        times = attention_times(args.threads or physical_cores())
+        print("causal attention forward + backward, [16, 4, 256, 64]: "
+              + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))  # fmt: skip
         return 0
     sides = [s for s in args.sides.split(",") if s] + (["compiled"] if args.compile else [])
     unknown = sorted(set(sides) - set(SIDES))

@@ -76,7 +76,10 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     position gets -100), so the logits are never copied; see `_CrossEntropy` for the memory it saves.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).long()
-    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets)
+    logits = logits.reshape(-1, logits.shape[-1])
+    if torch.compiler.is_compiling():  # inductor fuses the cast into the loss and plans the memory itself
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    return _CrossEntropy.apply(logits, targets)
 
 
 class DecoderLM(TransformerStack):

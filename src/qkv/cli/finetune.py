@@ -19,7 +19,10 @@ source -> the first paragraph of its docstring, split by module. The chats are r
 model's chat template (--chat-template chatml for a model without one) and the loss covers only
 the assistant's tokens. It prints the held-out loss before and after, and a held-out function's
 answer before and after; checkpoint/ holds the tuned model, or with --lora, adapter/ holds a
-PEFT-format adapter (adapter_config.json + adapter_model.safetensors).
+PEFT-format adapter (adapter_config.json + adapter_model.safetensors). A chat model's evaluation
+and checkpoint are costly, so by default they happen after the last step only (--eval-every and
+--save-every set them). --grad-checkpoint saves memory; --bf16 is much faster where the CPU
+computes in bfloat16.
 """
 
 from __future__ import annotations

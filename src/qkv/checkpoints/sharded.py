@@ -51,7 +51,11 @@ def temp_path(path: Path) -> Path:
 def stale_saves(path: str | os.PathLike) -> list[Path]:
     """Temporary directories of saves of `path` that never finished (a process killed mid-save)."""
     path = Path(path)
-    return sorted(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+    if not path.parent.is_dir():
+        return []
+    # `.checkpoint.tmp-*`: this module's and `atomic_directory`'s; `..checkpoint.tmp-sharded.tmp-*`: the
+    # native part's own temporary directory inside a sharded save.
+    return sorted({*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f"..{path.name}.tmp-*")})
 
 
 def recover_unfinished_saves(path: str | os.PathLike, report: bool = False) -> list[Path]:

@@ -156,3 +156,30 @@ def test_bf16_autocast_trains(blocks):
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="grad_accum"):
         TrainingConfig(steps=1, grad_accum=0)
+
+
+def test_grad_checkpoint_recomputes_blocks_and_trains_the_same(blocks):
+    from qkv.models.stack import TransformerStack
+
+    def run(grad_checkpoint):
+        model = tiny_gpt2()
+        config = TrainingConfig(steps=3, lr=1e-3, grad_checkpoint=grad_checkpoint, progress=False)
+        records = Trainer(model, config, BlockLoader(blocks, 4, shuffle=False)).train()
+        stacks = [m for m in model.modules() if isinstance(m, TransformerStack)]
+        return [s.grad_checkpointing for s in stacks], [r["loss"] for r in records], model.state_dict()
+
+    (plain_flags, plain_losses, plain_state), (flags, losses, state) = run(False), run(True)
+    assert plain_flags == [False] and flags == [True]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=0, atol=1e-6)
+    for name, value in plain_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grad_checkpoint_needs_transformer_blocks(blocks):
+    class Bag(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 4)
+
+    with pytest.raises(qkv.errors.UsageError, match="grad_checkpoint: Bag holds no TransformerStack"):
+        Trainer(Bag(), TrainingConfig(steps=1, grad_checkpoint=True, progress=False), BlockLoader(blocks, 4))

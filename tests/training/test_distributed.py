@@ -242,6 +242,14 @@ def test_a_source_without_shard_is_refused_on_several_ranks(monkeypatch):
         Trainer(tiny(), config(), Endless())
 
 
+def test_several_ranks_always_save_sharded(monkeypatch):
+    import qkv.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.distributed, "init", lambda: DistEnv(0, 2))
+    with pytest.raises(UsageError, match="sharded_checkpoint=False cannot be used on 2 processes"):
+        Trainer(tiny(), config(sharded_checkpoint=False), BlockLoader(torch.zeros(8, 4, dtype=torch.int32), 4))
+
+
 def test_config_round_trips_the_new_fields():
     cfg = dataclasses.replace(config(), shard=True, sharded_checkpoint=True)
     assert TrainingConfig(**cfg.to_dict()) == cfg

@@ -186,6 +186,11 @@ class Trainer:
         `config.shard`) and gives `train_data` its rank's share (`shard(rank, world_size)`).
         """
         self.dist = distributed.init()
+        if self.dist.world_size > 1 and config.sharded_checkpoint is False:
+            raise UsageError(
+                f"sharded_checkpoint=False cannot be used on {self.dist.world_size} processes: each rank holds part "
+                "of the run's state, which only a sharded checkpoint saves; leave it at None (the default)"
+            )
         if self.dist.world_size > 1:
             shard = getattr(train_data, "shard", None)
             if shard is None:

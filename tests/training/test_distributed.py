@@ -58,6 +58,7 @@ results = {"world_size": env.world_size, "wrapped": {}}
 for shard in (False, True):
     name = "fsdp" if shard else "ddp"
     t = Trainer(model(), config(shard=shard), BlockLoader(blocks[:16], BATCH), blocks[16:])
+    results[name + "_draws"] = distributed.gather(float(torch.rand(())))  # dropout's RNG, per rank
     results[name] = losses(t.train())
     results["wrapped"][name] = type(t.wrapped).__name__
     results[name + "_local_batch"] = t.train_data.local_batch_size
@@ -134,6 +135,7 @@ def test_two_ranks_match_one_process(two_ranks, reference, wrapper):
     assert results["world_size"] == 2 and results[wrapper + "_local_batch"] == BATCH // 2
     assert results["wrapped"][wrapper] == ("DistributedDataParallel" if wrapper == "ddp" else "FSDPDecoderLM")
     assert len(results[wrapper]) == STEPS + 1  # 20 steps, then the evaluation
+    assert len(set(results[wrapper + "_draws"])) == 2  # each rank draws its own dropout masks
     torch.testing.assert_close(torch.tensor(results[wrapper]), torch.tensor(reference), rtol=0, atol=1e-5)
     assert reference[-2] < reference[0] - 0.3  # it learned: the comparison is not of two flat lines
 

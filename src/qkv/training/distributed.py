@@ -70,9 +70,10 @@ def init() -> DistEnv:
                     f"WORLD_SIZE={env.world_size} but {name} is not set: start multi-process runs with torchrun "
                     "(or `qkv train --nproc N`), which sets it"
                 )
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(env.local_rank)
+        backend = "gloo"
+        if torch.cuda.is_available():  # CPU tensors still go through gloo (qkv trains on the CPU by default)
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     return env
 
@@ -141,6 +142,14 @@ def same_on_all_ranks(obj: Any, what: str) -> None:
     blobs = gather(pickle.dumps(obj))
     if any(b != blobs[0] for b in blobs[1:]):
         raise UsageError(f"the ranks disagree on {what}; every rank must build the same one (same files and seed)")
+
+
+def seed_per_rank(env: DistEnv) -> None:
+    """Give each rank its own torch RNG stream (dropout masks differ between ranks), derived from
+    the current state, which every rank shares: deterministic for a given start and world size."""
+    if env.world_size > 1:
+        base = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        torch.manual_seed(base + env.rank)
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -208,6 +208,7 @@ class Trainer:
                 raise UsageError(f"grad_checkpoint: {exc}") from None
         self.model = model
         self.wrapped = distributed.wrap(model, shard=config.shard)  # what a training step calls
+        distributed.seed_per_rank(self.dist)  # after the (identical) model init on every rank
         self.run_info = dict(run_info or {})
         self.config = config
         self.train_data = train_data
@@ -409,11 +410,16 @@ class Trainer:
 
     def _my_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's part of a sharded checkpoint's per-rank states. On the world size that saved it,
-        its own; on another, rank 0's RNG, and the data position and collate state, which must then
-        be the same on every saved rank (a `BlockLoader`'s position is world-size independent)."""
+        its own; on another, rank 0's RNG (split per rank), and the data position and collate state,
+        which must then be the same on every saved rank (a `BlockLoader`'s position is world-size
+        independent)."""
         ranks = state["ranks"]
         if len(ranks) == self.dist.world_size:
             return ranks[self.dist.rank]
+        if self.dist.world_size > 1:  # rank 0's saved RNG, split into one stream per rank as at the start
+            set_rng_state(ranks[0]["rng"])
+            distributed.seed_per_rank(self.dist)
+            ranks = [{**r, "rng": rng_state()} for r in ranks]
         for key in ("data", "collate"):
             values = [r.get(key) for r in ranks]
             if any(not _equal(v, values[0]) for v in values[1:]):

@@ -185,9 +185,9 @@ def test_two_ranks_write_a_plain_checkpoint_too(two_ranks, blocks):
 
 def test_global_batch_must_split_over_the_ranks():
     assert split_rows(8, DistEnv(0, 2)) == 4
-    with pytest.raises(UsageError, match=r"--batch-size 6 is the global batch .* 4 processes; use a multiple of 4"):
+    with pytest.raises(UsageError, match=r"--batch-size 6 is the global batch .* use a multiple of 4 \(e.g. 4 or 8\)"):
         split_rows(6, DistEnv(0, 4))
-    with pytest.raises(UsageError, match="must split evenly over 3 processes"):
+    with pytest.raises(UsageError, match=r"must split evenly over 3 processes; use a multiple of 3 \(e.g. 3 or 6\)"):
         BlockLoader(torch.zeros(8, 4, dtype=torch.int32), 4).shard(0, 3)
 
 

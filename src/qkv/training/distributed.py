@@ -197,10 +197,12 @@ def full_value(x: torch.Tensor) -> torch.Tensor:
 
 def split_rows(batch_size: int, env: DistEnv) -> int:
     """The rows each of `env.world_size` ranks takes of a global batch of `batch_size`."""
-    if batch_size % env.world_size:
+    n = env.world_size
+    if batch_size % n:
+        below, above = n * (batch_size // n), n * (batch_size // n + 1)
+        nearest = f"{below} or {above}" if below else str(above)
         raise UsageError(
-            f"--batch-size {batch_size} is the global batch and must split evenly over {env.world_size} processes; "
-            f"use a multiple of {env.world_size} (e.g. {env.world_size * max(1, batch_size // env.world_size)}) "
-            "or another process count"
+            f"--batch-size {batch_size} is the global batch and must split evenly over {n} processes; "
+            f"use a multiple of {n} (e.g. {nearest}) or another process count"
         )
     return batch_size // env.world_size

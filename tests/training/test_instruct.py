@@ -213,7 +213,7 @@ def test_instruct_finetune_tiny_end_to_end(chatml_model, data, tmp_path):
 def test_instruct_finetune_lora_writes_an_adapter(chatml_model, data, tmp_path):
     import copy
 
-    from qkv.nn.lora import LoraConfig, lora_parameters
+    from qkv.nn.lora import LoraConfig, load_adapter, lora_parameters
 
     model = copy.deepcopy(chatml_model)
     base = {n: p.clone() for n, p in model.named_parameters()}
@@ -230,6 +230,13 @@ def test_instruct_finetune_lora_writes_an_adapter(chatml_model, data, tmp_path):
         if not p.requires_grad:
             key = name.replace(".base.", ".")
             assert torch.equal(p, base[key]), name
+    fresh = copy.deepcopy(chatml_model).eval()  # the saved adapter on the base model: the tuned logits
+    load_adapter(fresh, result.saved)
+    ids = torch.tensor([chat_ids(model.tokenizer, data.test[0].prompt, data.test[0].answer)[0]])
+    with torch.no_grad():
+        tuned = model.eval()(ids).logits
+        assert not torch.allclose(chatml_model.eval()(ids).logits, tuned, atol=1e-4)  # training changed them
+        torch.testing.assert_close(fresh(ids).logits, tuned, rtol=1e-5, atol=1e-5)
 
 
 def test_model_without_chat_template_is_a_clear_error(chatml_model, data):

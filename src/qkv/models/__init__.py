@@ -7,7 +7,7 @@ from qkv.models.decoder import DecoderLM, early_exit_draft
 from qkv.models.encoder import Encoder
 from qkv.models.output import ModelOutput
 from qkv.models.seq2seq import EncoderDecoder
-from qkv.models.stack import TransformerStack
+from qkv.models.stack import TransformerStack, set_grad_checkpointing
 from qkv.models.vision import CLIP, CLIPConfig, VisionTransformer
 
 # ModelConfig.family -> the class that builds it.
@@ -39,4 +39,5 @@ __all__ = [
     "VisionTransformer",
     "build_model",
     "early_exit_draft",
+    "set_grad_checkpointing",
 ]

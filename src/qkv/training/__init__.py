@@ -24,6 +24,7 @@ from qkv.training.data import (
 )
 from qkv.training.electra import ReplacedTokenDetection, generator_config, replaced_token_accuracy
 from qkv.training.finetune import finetune
+from qkv.training.instruct import ChatCollate, InstructTask, explain_function_task, instruct_finetune
 from qkv.training.masking import MaskedLMCollator, masked_token_accuracy
 from qkv.training.metrics import MetricsLog
 from qkv.training.optim import WarmupCosine, build_optimizer, param_groups, split_decay
@@ -33,7 +34,9 @@ from qkv.viz.loss_curve import plot_loss_curve
 
 __all__ = [
     "BlockLoader",
+    "ChatCollate",
     "Corpus",
+    "InstructTask",
     "LabelledTexts",
     "MaskedLMCollator",
     "MetricsLog",
@@ -47,8 +50,10 @@ __all__ = [
     "classification_accuracy",
     "classification_batch",
     "encode_examples",
+    "explain_function_task",
     "finetune",
     "generator_config",
+    "instruct_finetune",
     "iter_blocks",
     "label_names_of",
     "load_corpus",

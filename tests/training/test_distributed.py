@@ -73,13 +73,14 @@ for shard in (False, True):
         t = Trainer.from_checkpoint(ckpt, BlockLoader(blocks[:16], BATCH), config=cfg)
         results[label] = losses(t.train())
 
-# a checkpoint one process saved (sharded, in the test), resumed on 2 ranks with DDP and with FSDP
-for shard in (False, True):
-    label = "single_then_" + ("fsdp" if shard else "ddp")
-    ckpt = copy(out / "single_run" / "checkpoint", out / label / "checkpoint")
-    cfg = config(shard=shard, out_dir=str(out / label))
-    t = Trainer.from_checkpoint(ckpt, BlockLoader(blocks[:16], BATCH), config=cfg)
-    results[label] = losses(t.train())
+# checkpoints one process saved (in the test: sharded, and native), resumed on 2 ranks with DDP and with FSDP
+for source in ("single", "native"):
+    for shard in (False, True):
+        label = f"{source}_then_" + ("fsdp" if shard else "ddp")
+        ckpt = copy(out / f"{source}_run" / "checkpoint", out / label / "checkpoint")
+        cfg = config(shard=shard, out_dir=str(out / label))
+        t = Trainer.from_checkpoint(ckpt, BlockLoader(blocks[:16], BATCH), config=cfg)
+        results[label] = losses(t.train())
 
 if env.is_main:
     (out / "results.json").write_text(json.dumps(results))
@@ -119,9 +120,10 @@ def two_ranks(blocks, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     torch.save(blocks, out / "blocks.pt")
     (out / "worker.py").write_text(WORKER)
-    # one process saves a sharded checkpoint at step HALF, for the 2-rank resume
-    single = config(save_every=HALF, out_dir=str(out / "single_run"), sharded_checkpoint=True)
-    Trainer(tiny(), single, BlockLoader(blocks[:16], BATCH)).train(until=HALF)
+    # one process saves a sharded and a native checkpoint at step HALF, for the 2-rank resumes
+    for source, sharded in (("single", True), ("native", False)):
+        single = config(save_every=HALF, out_dir=str(out / f"{source}_run"), sharded_checkpoint=sharded)
+        Trainer(tiny(), single, BlockLoader(blocks[:16], BATCH)).train(until=HALF)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(out / "worker.py"), str(out / "blocks.pt"), str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -166,9 +168,10 @@ def test_checkpoint_of_two_ranks_resumes_on_one(two_ranks, blocks, reference, wr
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks, reference, wrapper):
+@pytest.mark.parametrize("source", ["single", "native"], ids=["sharded-checkpoint", "native-checkpoint"])
+def test_checkpoint_of_one_process_resumes_on_two_ranks(two_ranks, reference, wrapper, source):
     _, results = two_ranks
-    got = results[f"single_then_{wrapper}"]
+    got = results[f"{source}_then_{wrapper}"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(reference[HALF:STEPS]), rtol=0, atol=1e-5)
 
 

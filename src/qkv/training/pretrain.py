@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,29 @@ def get_tokenizer(
     return train_tokenizer(
         kind=kind, vocab_size=vocab_size, files=files, show_progress=progress, special_tokens=special_tokens
     )
+
+
+def tokenizer_on_every_rank(source: Any, corpus: Sequence[str | os.PathLike], vocab_size: int, progress: bool,
+                            kind: str, special_tokens: Sequence[str] | None) -> Any:  # fmt: skip
+    """`get_tokenizer`, except that under torchrun a tokenizer to train is trained by rank 0 alone
+    and sent to the others (WordPiece training is not reproducible from one process to the next)."""
+    if source is not None or not distributed.active():
+        return get_tokenizer(source, corpus, vocab_size, progress, kind, special_tokens)
+    from qkv.tokenizer import load_tokenizer
+
+    files = None
+    if distributed.is_main():
+        tokenizer = get_tokenizer(None, corpus, vocab_size, progress, kind, special_tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save(tmp)
+            files = {f.name: f.read_bytes() for f in Path(tmp).iterdir()}
+    files = distributed.broadcast(files)
+    if distributed.is_main():
+        return tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return load_tokenizer(tmp)
 
 
 def run_checkpoint(config: TrainingConfig, resume: bool) -> Path | None:
@@ -214,7 +238,9 @@ def pretrain(
         kind = "bpe" if objective == "causal" or seq2seq else "wordpiece"
         specials = SEQ2SEQ_SPECIALS if seq2seq else None
         # (for seq2seq the corpus is the pairs file: its text trains the tokenizer too)
-        tokenizer = get_tokenizer(tokenizer, corpus, vocab_size or cfg.vocab_size, config.progress, kind, specials)
+        tokenizer = tokenizer_on_every_rank(
+            tokenizer, corpus, vocab_size or cfg.vocab_size, config.progress, kind, specials
+        )
         if seq2seq:
             eos, pad = tokenizer.token_to_id("</s>"), tokenizer.token_to_id("<pad>")
             if eos is None or pad is None:
@@ -224,7 +250,7 @@ def pretrain(
         else:
             roles = ("bos_token_id", "eos_token_id") + (() if objective == "causal" else ("pad_token_id",))
             cfg = cfg.replace(vocab_size=vocab_size_of(tokenizer), **{r: getattr(tokenizer, r, None) for r in roles})
-        distributed.same_on_all_ranks(_vocabulary(tokenizer), "the tokenizer")
+        distributed.same_on_all_ranks(_vocabulary(tokenizer), "the tokenizer")  # a given one, too
         model = build_pretraining_model(cfg, objective, tokenizer)
     max_len = model.config.max_seq_len
     seq_len = seq_len or min(256, max_len)

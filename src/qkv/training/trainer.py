@@ -396,17 +396,32 @@ class Trainer:
         else:
             if isinstance(self.model, SavesPart) and "model_extra" in state:
                 self.model.load_extra_state(state["model_extra"])
-            if self.config.shard and self.dist.world_size > 1:
-                raise UsageError(
-                    "this checkpoint was saved by one process without a sharded checkpoint, so its optimizer state "
-                    "cannot be split over FSDP ranks; resume it without --shard (DDP), or on one process"
-                )
-            self.optimizer.load_state_dict(state["optimizer"])
+            if distributed.active() and distributed.is_sharded(self.model):
+                self._load_full_optimizer_state(state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
         self.train_data.load_state_dict(state["data"])
         if isinstance(self.collate, StatefulCollate) and "collate" in state:
             self.collate.load_state_dict(state["collate"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+
+    def _load_full_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """Load a single process's `optimizer.state_dict()` (parameters by index) into the optimizer of
+        an FSDP2 model, each rank taking its shards: the indices become parameter names (both
+        optimizers list the parameters in the model's order) and DCP's helper splits the tensors."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        order = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+        if len(order) != sum(len(g["params"]) for g in saved["param_groups"]):
+            raise UsageError("the checkpoint's optimizer state does not match this model's parameters")
+        by_name = {
+            "state": {order[i]: value for i, value in saved["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]],
+        }
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=options)
 
     def _my_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's part of a sharded checkpoint's per-rank states. On the world size that saved it,

@@ -14,8 +14,12 @@ clipping at 1.0. Every side is its own fresh process with the same thread count 
   --dtype says. Its own per-iteration times ("iter N: ... time X ms") are read from its output.
 - fp32 / bf16: qkv's `Trainer` (bf16 = `TrainingConfig(bf16=True)`: bfloat16 autocast, fp32
   weights and optimizer) on the same `ModelConfig`-built GPT, timed around `Trainer.train`;
-- compiled (--compile): the bf16 side with `torch.compile` on the model; its compile time is
-  printed separately (it is paid once per process).
+- compiled (--compile): the bf16 side with `torch.compile` on the model; its first step (trace,
+  compile from an empty inductor cache, run) is printed separately: it is paid once per process.
+A qkv side may carry flags, e.g. `--sides nanogpt,fp32,fp32+foreach,bf16,bf16+blockattn`, to
+measure one lever at a time: +foreach (AdamW's foreach update, not the fused kernel), +plainloss
+(the loss as `F.cross_entropy` on float32 copies of the shifted logits), +blockattn (bf16 causal
+self-attention through `qkv.nn.causal_attention`, as the hook proposed for nn/attention.py would).
 
 Data: char-level ids of the Python standard library's sources (the text qkv's demo trains on),
 written in nanoGPT's format (train.bin / val.bin as uint16, meta.pkl with the vocabulary), the
@@ -50,6 +54,12 @@ NANOGPT = Path(__file__).resolve().parent / "peers" / "nanogpt"
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16)
 HYPER = dict(learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 SIDES = ("nanogpt", "fp32", "bf16", "compiled")
+# A qkv side may take levers back out, or add one not yet wired in: "bf16+foreach+blockattn".
+FLAGS = {
+    "foreach": "AdamW's foreach update instead of the fused kernel (the optimizer before the fused lever)",
+    "plainloss": "the loss as F.cross_entropy on float32 copies of the shifted logits (before the chunked loss)",
+    "blockattn": "bf16 causal self-attention through qkv.nn.causal_attention (the proposed attention.py hook)",
+}
 ITER_LINE = re.compile(r"^iter (\d+): loss ([0-9.]+), time ([0-9.]+)ms")
 
 
@@ -147,12 +157,45 @@ def build_model(vocab_size: int):
     return DecoderLM(cfg)
 
 
+def plain_loss(logits, labels):
+    """The loss before the chunked one: float32 copies of the shifted logits into F.cross_entropy."""
+    import torch.nn.functional as F
+
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).long(), ignore_index=-100)
+
+
+def route_block_attention() -> None:
+    """Send bf16 causal self-attention of training steps to `causal_attention`, as the one-line
+    hook proposed for `qkv.nn.attention._sdpa` does (a no-op once attention.py has it)."""
+    import qkv.nn.attention as attention
+    from qkv.nn.causal_attention import causal_attention, causal_attention_fits
+
+    if "causal_attention" in vars(attention):
+        return
+    sdpa = attention.BACKENDS["sdpa"]
+
+    def routed(q, k, v, mask, scale, dropout_p, need_weights):
+        if mask.is_causal and mask.bias is None and causal_attention_fits(q, k, dropout_p):
+            return causal_attention(q, k, v, scale), None
+        return sdpa(q, k, v, mask, scale, dropout_p, need_weights)
+
+    attention.BACKENDS["sdpa"] = routed
+
+
 def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
     """One qkv side in this process -> {"rows": [(ms, loss)], "compile_s": ...}."""
     import torch
 
+    import qkv.models.decoder as decoder
     from qkv.training import Trainer, TrainingConfig
+    from qkv.training.optim import build_optimizer
 
+    side, *flags = side.split("+")
+    if "plainloss" in flags:
+        decoder.next_token_loss = plain_loss
+    if "blockattn" in flags:
+        route_block_attention()
     torch.set_num_threads(threads)
     torch.manual_seed(1337)
     model = build_model(pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"])
@@ -166,6 +209,8 @@ def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
         model.compile()
         compile_s = time.perf_counter()  # the first step traces and compiles: timed from here to its end
     trainer = Trainer(model, config, source)
+    if "foreach" in flags:
+        trainer.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, fused=False)
     rows = []
     for step in range(1, iters + 1):
         start = time.perf_counter()
@@ -246,13 +291,14 @@ def summarize(rounds: list[list[tuple[float, float]]], warmup: int) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     base = results.get("nanogpt", {}).get("ms")
-    lines = [f"{'side':10} {'ms/iter':>9} {'vs nanoGPT':>11} {'mean loss':>10}  rounds (median ms/iter)"]
+    width = max(10, *map(len, results))
+    lines = [f"{'side':{width}} {'ms/iter':>9} {'vs nanoGPT':>11} {'mean loss':>10}  rounds (median ms/iter)"]
     for side, r in results.items():
         ratio = f"{base / r['ms']:.2f}x" if base and side != "nanogpt" else "-"
         rounds = " ".join(f"{ms:.1f}" for ms in r["rounds"])
-        lines.append(f"{side:10} {r['ms']:9.1f} {ratio:>11} {r['loss']:10.4f}  {rounds}")
+        lines.append(f"{side:{width}} {r['ms']:9.1f} {ratio:>11} {r['loss']:10.4f}  {rounds}")
         if r.get("compile_s"):
-            lines.append(f"{'':10} first step (trace + compile + run): {r['compile_s']:.1f} s")
+            lines.append(f"{'':{width}} first step (trace + compile + run): {r['compile_s']:.1f} s")
     return "\n".join(lines)
 
 
@@ -262,12 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="iterations run before timing (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over the sides (default 2)")
     p.add_argument("--threads", type=int, default=None, help="threads of every side (default: physical cores)")
-    p.add_argument("--sides", default="nanogpt,fp32,bf16", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--sides", default="nanogpt,fp32,bf16",
+                   help=f"comma-separated, of {', '.join(SIDES)}; qkv sides may add +{', +'.join(FLAGS)}")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="add the compiled side (bf16 + torch.compile)")
     p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
     p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
     p.add_argument("--attention", action="store_true", help="time attention fwd+bwd, fused vs block-causal, and exit")
-    p.add_argument("--worker", choices=SIDES[1:], help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -288,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))  # fmt: skip
         return 0
     sides = [s for s in args.sides.split(",") if s] + (["compiled"] if args.compile else [])
-    unknown = sorted(set(sides) - set(SIDES))
-    if unknown:
-        p.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+    for side in sides:
+        base, *flags = side.split("+")
+        if base not in SIDES or (flags and base == "nanogpt") or set(flags) - set(FLAGS):
+            p.error(f"unknown side {side!r}: choose from {', '.join(SIDES)}, a qkv one with +{', +'.join(FLAGS)}")
     if args.iters < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--iters and --repeats must be >= 1 and --warmup >= 0")
     from qkv.threads import physical_cores
@@ -313,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 if side == "nanogpt":
                     rows = run_nanogpt(data_dir, Path(tmp) / "out", total, env)
                 else:
-                    out = run_qkv(side, data_dir, total, threads, env)
+                    # A compiled side starts from an empty inductor cache: its first step is a cold start.
+                    cache = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / f"inductor-{round_}-{side}")}
+                    out = run_qkv(side, data_dir, total, threads, {**env, **cache})
                     rows = [tuple(r) for r in out["rows"]]
                     if out["compile_s"] is not None:
                         compile_s[side] = min(compile_s.get(side, 1e9), out["compile_s"])

@@ -257,27 +257,32 @@ def optimizer_times(threads: int, repeats: int = 20) -> dict[str, float]:
 def attention_times(threads: int, repeats: int = 7) -> dict[str, float]:
     """Best ms of one causal self-attention forward + backward at the benchmark's shape
     [16, 4, 256, 64], float32 and bfloat16: torch's fused kernel (`F.scaled_dot_product_attention`,
-    is_causal) vs qkv's block-causal `causal_attention`."""
+    is_causal) vs qkv's block-causal `causal_attention`, the latter at several block sizes."""
     import torch
     import torch.nn.functional as F
 
-    from qkv.nn.causal_attention import causal_attention
+    import qkv.nn.causal_attention as ca
 
     torch.set_num_threads(threads)
     B, H, T, hd = SHAPE["batch_size"], SHAPE["n_head"], SHAPE["block_size"], SHAPE["n_embd"] // SHAPE["n_head"]
-    sides = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-             "block-causal": lambda q, k, v: causal_attention(q, k, v, hd**-0.5)}  # fmt: skip
+    default_block = ca.BLOCK
+    sides = {"sdpa": (None, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    for block in sorted({32, 64, 128, T, default_block}):
+        name = "block-causal" + ("" if block == default_block else f" (BLOCK={block})")
+        sides[name] = (block, lambda q, k, v: ca.causal_attention(q, k, v, hd**-0.5))
     times = {}
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = (torch.randn(B, T, H, hd, dtype=dtype).transpose(1, 2).requires_grad_(True) for _ in range(3))
         grad = torch.randn(B, H, T, hd, dtype=dtype)
-        for name, fn in sides.items():
+        for name, (block, fn) in sides.items():
+            ca.BLOCK = block or default_block
             best = float("inf")
             for _ in range(repeats + 1):
                 start = time.perf_counter()
                 fn(q, k, v).backward(grad)
                 best = min(best, time.perf_counter() - start)
             times[f"{name} {str(dtype).removeprefix('torch.')}"] = best * 1e3
+    ca.BLOCK = default_block
     return times
 
 
@@ -331,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         from qkv.threads import physical_cores
 
         times = attention_times(args.threads or physical_cores())
-        print("causal attention forward + backward, [16, 4, 256, 64]: "
-              + ", ".join(f"{name} {ms:.1f} ms" for name, ms in times.items()))  # fmt: skip
+        print("causal attention forward + backward, [16, 4, 256, 64], best ms:")
+        print("\n".join(f"  {name:36} {ms:7.1f}" for name, ms in times.items()))
         return 0
     sides = [s for s in args.sides.split(",") if s] + (["compiled"] if args.compile else [])
     for side in sides:

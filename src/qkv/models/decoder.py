@@ -30,11 +30,12 @@ class _CrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits [N, V] (any float dtype) against targets [N] (-100: ignored),
     computed in float32 a chunk of rows at a time.
 
-    `F.cross_entropy(logits.float(), ...)` keeps a float32 copy of the logits and saves float32
-    log-probabilities [N, V] for the backward pass: with bf16 logits and a 49k vocabulary that is
-    6x the logits' own memory. Here the backward pass recomputes softmax from the logits (which the
-    caller holds anyway) and the log-sum-exp [N] saved by the forward pass, so nothing [N, V] is
-    kept beyond the logits and their gradient, which has their dtype as autograd's would.
+    `F.cross_entropy(logits.float(), ...)` makes a float32 copy of the logits and keeps float32
+    log-probabilities [N, V] from the forward pass to the backward one (twice the size of bf16
+    logits, and with a large vocabulary the largest tensor of the step). Here the backward pass
+    recomputes softmax from the logits (which the caller holds anyway) and the log-sum-exp [N]
+    saved by the forward pass, so nothing [N, V] is kept beyond the logits; their gradient has
+    their dtype, as autograd's would.
     """
 
     @staticmethod

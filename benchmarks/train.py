@@ -4,6 +4,7 @@
                                [--sides nanogpt,fp32,bf16] [--chars 1000000]
     python benchmarks/train.py --optimizer [--threads N]    # AdamW alone: foreach vs fused
     python benchmarks/train.py --attention [--threads N]    # attention fwd+bwd: fused kernel vs block-causal
+    python benchmarks/train.py --loss [--threads N]         # the loss at SmolLM2's vocabulary: peak memory, time
 
 The shape is nanoGPT's README CPU example scaled to its "baby GPT": char-level, GPT-2 style
 (learned positions, LayerNorm, exact GELU MLP, tied head), 4 layers, 4 heads, d_model 256, block
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import re
@@ -286,6 +288,43 @@ def attention_times(threads: int, repeats: int = 7) -> dict[str, float]:
     return times
 
 
+LOSS_SHAPE = (8, 512, 49152)  # batch, tokens, vocabulary: a SmolLM2 fine-tuning step's logits
+
+
+def loss_worker(kind: str) -> dict[str, float]:
+    """Forward + backward of the loss alone over bf16 logits of LOSS_SHAPE in this process ->
+    the peak resident memory it added (MB, from the kernel's high-water mark) and its seconds."""
+    import resource
+
+    import torch
+
+    from qkv.models.decoder import next_token_loss
+
+    B, T, V = LOSS_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    fn = plain_loss if kind == "plain" else next_token_loss
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    fn(logits, labels).backward()
+    seconds = time.perf_counter() - start
+    added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    return {"peak_mb": added / 1024, "seconds": seconds}
+
+
+def loss_costs(threads: int) -> dict[str, dict[str, float]]:
+    """`loss_worker` for F.cross_entropy on float32 copies (plain) and qkv's chunked loss, each in
+    a fresh process so that one's memory high-water mark does not hide the other's."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = {}
+    for kind in ("plain", "chunked"):
+        proc = subprocess.run([sys.executable, __file__, "--loss-worker", kind], env=env, capture_output=True,
+                              text=True, check=True)  # fmt: skip
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------
 def summarize(rounds: list[list[tuple[float, float]]], warmup: int) -> dict:
     """Median ms/iter of each round's timed iterations -> best round, every round, mean loss."""
@@ -319,9 +358,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
     p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
     p.add_argument("--attention", action="store_true", help="time attention fwd+bwd, fused vs block-causal, and exit")
+    p.add_argument("--loss", action="store_true", help="peak memory and time of the loss at a 49k vocabulary, and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--loss-worker", choices=("plain", "chunked"), help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.loss_worker:
+        print(json.dumps(loss_worker(args.loss_worker)))
+        return 0
+    if args.loss:
+        from qkv.threads import physical_cores
+
+        costs = loss_costs(args.threads or physical_cores())
+        logits_mb = math.prod(LOSS_SHAPE) * 2 / 2**20
+        print(f"loss forward + backward over bf16 logits {list(LOSS_SHAPE)} ({logits_mb:.0f} MB), peak memory added:")
+        for kind, c in costs.items():
+            name = {"plain": "F.cross_entropy(float32 copy)", "chunked": "next_token_loss (chunked)"}[kind]
+            print(f"  {name:30} {c['peak_mb']:7.0f} MB  {c['seconds']:6.2f} s")
+        return 0
     if args.worker:
         print(json.dumps(qkv_worker(args.worker, args.data, args.iters, args.threads)))
         return 0

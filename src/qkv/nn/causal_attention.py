@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 # Query rows per block: smaller blocks skip more of the masked triangle, larger ones make longer
-# matrix products; of 32, 64, 128 and 256, 64 was the fastest at T = 256 (benchmarks/train.py --attention).
+# matrix products; of 32, 64, 128 and 256, 64 and 128 were the fastest at T = 256, within a few percent
+# of each other (benchmarks/train.py --attention).
 BLOCK = 64
 # The probabilities kept for backward, per call (B * H * T^2 / 2 elements): above this the fused
 # kernel, which keeps none, is used.

@@ -90,3 +90,23 @@ def test_mismatched_shapes_are_a_clear_error():
     q, k, v, _ = inputs(torch.float32)
     with pytest.raises(ValueError, match="one shape"):
         causal_attention(q, k[:, :1], v[:, :1], 0.25)
+
+
+@pytest.mark.parametrize("seed", [3, 7])
+def test_peaked_rows_stay_near_the_fused_bf16_kernels_error(seed):
+    # Scores of tens, as trained models have: rounded to bfloat16 (8 bits) they would move a peaked
+    # row's weights by percents, and the output error to 8x the kernel's here. Float32 scores leave
+    # only the weights' rounding before their product with V (as the prefill path rounds them).
+    q, k, v, g = inputs(torch.bfloat16, B=2, H=4, T=96, hd=64, seed=seed)
+    q, k = (q.float() * 3).bfloat16(), (k.float() * 3).bfloat16()
+    scale = 64**-0.5
+
+    def fused(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+    ref, ref_grads = qkv_grad(fused, *(t.float() for t in (q, k, v, g)))
+    kernel, kernel_grads = qkv_grad(fused, q, k, v, g)
+    ours, grads = qkv_grad(lambda q, k, v: causal_attention(q, k, v, scale), q, k, v, g)
+    assert (ours.float() - ref).abs().max() <= 2.5 * (kernel.float() - ref).abs().max()
+    for name, theirs, mine, exact in zip("qkv", kernel_grads, grads, ref_grads):
+        assert (mine.float() - exact).abs().max() <= 3 * (theirs.float() - exact).abs().max(), name

@@ -1,13 +1,15 @@
 """Causal self-attention for training on CPU, as block-causal matmuls instead of the fused kernel.
 
-On CPU, PyTorch's fused (flash) attention kernel is slow in bfloat16 training: at nanoGPT's
-benchmark shape (batch 16, 4 heads, 256 tokens, head size 64) its forward + backward took over
-twice as long as the explicit softmax(QK^T / sqrt(d)) V done with bf16 matrix products (which run
-on the CPU's bf16 dot-product instructions through oneDNN). So when a training step's attention
-is plain causal self-attention and its probabilities fit in memory, `causal_attention` computes it
-explicitly, in query blocks of `BLOCK` rows: block i only multiplies against the keys up to its own
-end, skipping most of the masked upper triangle (Dao et al. 2022's block skipping, without the
-online softmax: each block's probabilities are kept for the backward pass).
+On CPU, PyTorch's fused (flash) attention kernel is slow in bfloat16 training, its backward pass
+above all: at nanoGPT's benchmark shape (batch 16, 4 heads, 256 tokens, head size 64) its forward
++ backward took over twice as long as this explicit softmax(QK^T / sqrt(d)) V. So when a training
+step's attention is plain causal self-attention and its probabilities fit in memory,
+`causal_attention` computes it in query blocks of `BLOCK` rows: block i only multiplies against
+the keys up to its own end, skipping most of the masked upper triangle (Dao et al. 2022's block
+skipping, without the online softmax: each block's probabilities are kept for the backward pass).
+The scores are float32, as in the fused kernel (bf16's 8 bits would move a peaked row's weights by
+percents); the weights are rounded to bf16 for their product with V, as `qkv.nn.attention`'s
+prefill blocks round them, and kept so for the backward pass, which runs on bf16 matrix products.
 
 `python benchmarks/train.py --attention` times it against the fused kernel, at several block sizes.
 """
@@ -17,8 +19,8 @@ from __future__ import annotations
 import torch
 
 # Query rows per block: smaller blocks skip more of the masked triangle, larger ones make longer
-# matrix products; of 32, 64, 128 and 256, 64 and 128 were the fastest at T = 256, within a few percent
-# of each other (benchmarks/train.py --attention).
+# matrix products; of 32, 64, 128 and 256, 64 was the fastest at T = 256, 128 within a few percent
+# (benchmarks/train.py --attention).
 BLOCK = 64
 # The probabilities kept for backward, per call (B * H * T^2 / 2 elements): above this the fused
 # kernel, which keeps none, is used.
@@ -55,15 +57,18 @@ class _BlockCausalAttention(torch.autograd.Function):
             T = q.shape[2]
             # Contiguous heads, so that every block's slice is a view that batched matmul reads as is
             # (the projections' heads arrive transposed: a slice of them would be copied per block).
-            q, k, v = (q * scale).contiguous(), k.contiguous(), v.contiguous()
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            # Scores in float32, as the fused kernel keeps them: rounded to bf16's 8 bits, a score of
+            # 20 would move by ~0.04, and a peaked row's weights with it.
+            qf, kt = q.float() * scale, k.float().transpose(-2, -1)
             out = torch.empty_like(q)
             probs = []
             for start, end in _blocks(T):
-                scores = q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)  # (B, H, rows, end)
+                scores = qf[:, :, start:end] @ kt[..., :end]  # (B, H, rows, end)
                 # In the diagonal square, query start + i sees keys up to start + i.
                 upper = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
                 scores[..., start:end].masked_fill_(upper, float("-inf"))
-                p = scores.softmax(dim=-1)
+                p = scores.softmax(dim=-1).to(v.dtype)  # rounded for the product with V, as in a prefill
                 out[:, :, start:end] = p @ v[:, :, :end]
                 probs.append(p)
         ctx.scale = scale
@@ -72,7 +77,7 @@ class _BlockCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, *probs = ctx.saved_tensors  # q is already scaled
+        q, k, v, *probs = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             grad_out = grad_out.to(q.dtype).contiguous()
             dq = torch.empty_like(q)
@@ -86,6 +91,7 @@ class _BlockCausalAttention(torch.autograd.Function):
                 dq[:, :, start:end] = ds @ k[:, :, :end]
                 dk[:, :, :end] += ds.transpose(-2, -1) @ q[:, :, start:end]
             dq.mul_(ctx.scale)
+            dk.mul_(ctx.scale)
         return dq, dk, dv, None
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import DEFAULT_THREADS
 
-from conftest import DEFAULT_THREADS
 from qkv import DecoderLM, ModelConfig
 from qkv.errors import UsageError
 from qkv.tokenizer import load_tokenizer, train_tokenizer

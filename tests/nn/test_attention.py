@@ -252,7 +252,7 @@ def test_a_missing_mask_kind_is_an_error_not_no_mask():
     ids=["smollm2-gqa", "mha-two-rows-ragged", "mqa-hd80", "one-past-a-block"],
 )
 def test_blocked_prefill_is_as_close_to_float64_as_the_fused_kernel(B, H, KV, T, hd):
-    """A causal bfloat16 prompt takes `_causal_blocks` (blocks of query rows, scores in float32):
+    """A causal bfloat16 prompt takes `causal_attention` (blocks of query rows, float32 scores):
     its error against float64 stays within 2x of the fused kernel's (with bfloat16 scores it was
     ~7x), over ragged last blocks, MHA/MQA/GQA and a head dim whose scale is not a power of two."""
     gen = torch.Generator().manual_seed(T)
@@ -271,8 +271,8 @@ def test_blocked_prefill_is_taken_only_where_it_applies(monkeypatch):
     import qkv.nn.attention as attention
 
     calls = []
-    real = attention._causal_blocks
-    monkeypatch.setattr(attention, "_causal_blocks", lambda *a: calls.append(1) or real(*a))
+    real = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
     q, k, v = (torch.randn(1, n, 256, 32).to(torch.bfloat16) for n in (4, 2, 2))
     causal = AttentionMask(None, is_causal=True)
     with torch.no_grad():

@@ -88,8 +88,23 @@ def test_fits_only_cpu_training_in_half_precision_without_dropout_or_grouped_hea
 
 def test_mismatched_shapes_are_a_clear_error():
     q, k, v, _ = inputs(torch.float32)
-    with pytest.raises(ValueError, match="one shape"):
-        causal_attention(q, k[:, :1], v[:, :1], 0.25)
+    with pytest.raises(ValueError, match=r"q \[B, H, T, hd\] and k, v \[B, KV, T, hd\]"):
+        causal_attention(q, k[:, :, :5], v[:, :, :5], 0.25)  # other lengths
+    with pytest.raises(ValueError, match="expand grouped key/value heads first"):
+        causal_attention(q.requires_grad_(True), k[:, :1], v[:, :1], 0.25)  # training with grouped heads
+    q = q.detach()
+    with pytest.raises(ValueError, match="KV must divide H"):
+        causal_attention(torch.cat((q, q[:, :1]), 1), k[:, :3], v[:, :3], 0.25)  # 4 query heads over 3
+
+
+def test_grouped_heads_without_grad_match_sdpa():
+    """A prefill's grouped heads (GQA, MQA) go through one matmul per kv head, never expanded."""
+    q, k, v, _ = inputs(torch.float32, H=6, T=150)
+    for kv in (3, 1):
+        with torch.no_grad():
+            ours = causal_attention(q, k[:, :kv], v[:, :kv], 0.3)
+        ref = F.scaled_dot_product_attention(q, k[:, :kv], v[:, :kv], is_causal=True, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [3, 7])

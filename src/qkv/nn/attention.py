@@ -7,7 +7,6 @@ and the one that can return the attention weights.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkv.config import ModelConfig
+from qkv.nn.causal_attention import causal_attention, causal_attention_fits
 from qkv.nn.linear import Linear
 from qkv.nn.mask import AttentionMask
 from qkv.nn.position import apply_rotary
@@ -79,53 +79,11 @@ def _single_query(q, k, v, mask: AttentionMask, scale: float):
     return (weights @ v.float()).to(q.dtype).view(B, H, 1, hd)
 
 
-# A causal bfloat16 prefill on CPU of this many tokens runs as `_causal_blocks`, the fused kernel
-# outside it (benchmarks/prefill_attention.py prints both by length). Above the upper bound a
-# block's float32 scores grow past a few tens of MB; the fused kernel's memory does not grow so.
-BLOCKED_MIN_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MIN", "128"))
-BLOCKED_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
-# Query rows per block: each block's scores are [B, H, rows, keys so far] in float32.
-BLOCK_ROWS = 128
-
-
-def _takes_blocks(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask, dropout_p: float) -> bool:
-    return (
-        mask.is_causal and mask.bias is None and dropout_p == 0.0 and q.device.type == "cpu"
-        and q.dtype == torch.bfloat16 and BLOCKED_MIN_TOKENS <= q.shape[2] == k.shape[2] <= BLOCKED_MAX_TOKENS
-        and not (torch.is_grad_enabled() and q.requires_grad) and not torch.compiler.is_compiling()
-    )  # fmt: skip
-
-
-def _causal_blocks(q, k, v, scale: float) -> torch.Tensor:
-    """Causal attention of a whole bfloat16 prompt (a prefill) as batched matmuls over blocks of
-    query rows, each against only the keys before it. On CPU, torch's fused kernel runs these
-    shapes (head dim 64, a few hundred to a few thousand tokens) at a fraction of the bfloat16
-    matmul's speed: SmolLM2's 512-token prefill spent 40% of its time there. The query heads that
-    share a kv head go through one matmul, so K and V are never expanded. Scores are float32 (a
-    bfloat16 matmul would round them to 8 bits, several times the fused kernel's error on peaked
-    rows), the weights are rounded to bfloat16 for their product with V, as in the fused kernel."""
-    B, H, T, hd = q.shape
-    kv = k.shape[1]
-    G = H // kv
-    out = torch.empty(B, kv, G, T, hd, dtype=q.dtype)
-    kt = k.float().transpose(-2, -1)  # (B, KV, hd, T)
-    above = torch.ones(BLOCK_ROWS, BLOCK_ROWS, dtype=torch.bool).triu_(1)
-    for start in range(0, T, BLOCK_ROWS):
-        end = min(T, start + BLOCK_ROWS)
-        rows = end - start
-        qb = q[:, :, start:end].reshape(B, kv, G * rows, hd).float()  # (B, KV, G*rows, hd)
-        scores = torch.matmul(qb, kt[..., :end]).view(B, kv, G, rows, end).mul_(scale)
-        scores[..., start:].masked_fill_(above[:rows, :rows], float("-inf"))  # the diagonal block
-        weights = scores.softmax(dim=-1).to(q.dtype).view(B, kv, G * rows, end)
-        out[:, :, :, start:end] = torch.matmul(weights, v[:, :, :end]).view(B, kv, G, rows, hd)
-    return out.view(B, H, T, hd)
-
-
 def _sdpa(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_weights: bool):
     if q.shape[2] == 1 and dropout_p == 0.0 and not mask.is_causal:
         return _single_query(q, k, v, mask, scale), None
-    if _takes_blocks(q, k, mask, dropout_p):
-        return _causal_blocks(q, k, v, scale), None
+    if mask.is_causal and mask.bias is None and causal_attention_fits(q, k, dropout_p):
+        return causal_attention(q, k, v, scale), None  # a half-precision prefill or training step on CPU
     bias = mask.bias.to(q.dtype) if mask.bias is not None else None
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=mask.is_causal, scale=scale,

@@ -1,20 +1,26 @@
-"""Causal self-attention for training on CPU, as block-causal matmuls instead of the fused kernel.
+"""Causal self-attention on CPU as block-causal matmuls instead of the fused kernel, for a
+bfloat16 (or float16) prompt's prefill and for training steps.
 
-On CPU, PyTorch's fused (flash) attention kernel is slow in bfloat16 training, its backward pass
-above all: at nanoGPT's benchmark shape (batch 16, 4 heads, 256 tokens, head size 64) its forward
-+ backward took over twice as long as this explicit softmax(QK^T / sqrt(d)) V. So when a training
-step's attention is plain causal self-attention and its probabilities fit in memory,
-`causal_attention` computes it in query blocks of `BLOCK` rows: block i only multiplies against
-the keys up to its own end, skipping most of the masked upper triangle (Dao et al. 2022's block
-skipping, without the online softmax: each block's probabilities are kept for the backward pass).
-The scores are float32, as in the fused kernel (bf16's 8 bits would move a peaked row's weights by
-percents); the weights are rounded to bf16 for their product with V, as `qkv.nn.attention`'s
-prefill blocks round them, and kept so for the backward pass, which runs on bf16 matrix products.
+On CPU, PyTorch's fused (flash) attention kernel runs these shapes at a fraction of the half
+precision matmul's speed: SmolLM2's 512-token prefill spent 40% of its time in it, and at
+nanoGPT's benchmark shape (batch 16, 4 heads, 256 tokens, head size 64) its forward + backward
+took over twice as long as this explicit softmax(QK^T / sqrt(d)) V. `causal_attention` computes
+it in query blocks of `BLOCK` rows: block i only multiplies against the keys up to its own end,
+skipping most of the masked upper triangle (Dao et al. 2022's block skipping, without the online
+softmax). The query heads that share a kv head go through one matmul, so K and V are never
+expanded. The scores are float32, as in the fused kernel (bf16's 8 bits would move a peaked row's
+weights by percents: `tests/nn/test_attention.py` and `test_causal_attention.py` check the error
+stays near the fused kernel's); the weights are rounded to the inputs' dtype for their product
+with V, as the fused kernel rounds them. A training step keeps each block's weights for the
+backward pass, which runs on half-precision matrix products.
 
-`python benchmarks/train.py --attention` times it against the fused kernel, at several block sizes.
+`python benchmarks/prefill_attention.py` (by prompt length) and `python benchmarks/train.py
+--attention` (a training step's shape, by block size) time it against the fused kernel.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -22,55 +28,69 @@ import torch
 # matrix products; of 32, 64, 128 and 256, 64 was the fastest at T = 256, 128 within a few percent
 # (benchmarks/train.py --attention).
 BLOCK = 64
-# The probabilities kept for backward, per call (B * H * T^2 / 2 elements): above this the fused
+# The weights kept for backward, per call (B * H * T^2 / 2 elements): above this the fused
 # kernel, which keeps none, is used.
 MAX_SAVED_BYTES = 256 << 20
+# A prefill (no grad) takes the blocks for prompts of this many tokens (benchmarks/prefill_attention.py
+# prints both paths by length); above the upper bound a block's float32 scores grow past tens of MB.
+PREFILL_MIN_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MIN", "128"))
+PREFILL_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
 # Where the explicit path wins: bf16/fp16 on CPU (the fused kernel's float32 speed is on a par).
 DTYPES = (torch.bfloat16, torch.float16)
 
 
 def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     """Whether `causal_attention` should run a causal self-attention over q [B, H, T, hd] and
-    k [B, KV, T, hd]: a CPU training step (gradients wanted) in bf16/fp16, without dropout, with as
-    many key as query heads, whose kept probabilities stay under MAX_SAVED_BYTES."""
+    k [B, KV, T, hd] on CPU in bf16/fp16 without dropout: either a training step (gradients
+    wanted) with as many key as query heads whose kept weights stay under MAX_SAVED_BYTES, or a
+    prefill (no gradients) of PREFILL_MIN_TOKENS to PREFILL_MAX_TOKENS tokens."""
     B, H, T, _ = q.shape
-    return (
-        q.device.type == "cpu"
-        and q.dtype in DTYPES
-        and torch.is_grad_enabled()
-        and (q.requires_grad or k.requires_grad)
-        and dropout_p == 0.0
-        and k.shape[1] == H
-        and k.shape[2] == T
-        and B * H * T * (T + BLOCK) // 2 * q.element_size() <= MAX_SAVED_BYTES
-    )
+    if not (q.device.type == "cpu" and q.dtype in DTYPES and dropout_p == 0.0):
+        return False
+    if k.shape[2] != T or H % k.shape[1]:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return k.shape[1] == H and B * H * T * (T + BLOCK) // 2 * q.element_size() <= MAX_SAVED_BYTES
+    return PREFILL_MIN_TOKENS <= T <= PREFILL_MAX_TOKENS
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
     return [(start, min(start + BLOCK, T)) for start in range(0, T, BLOCK)]
 
 
+def _forward_blocks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """q [B, H, T, hd], k/v [B, KV, T, hd] -> (out [B, H, T, hd], each block's weights
+    [B, H, rows, keys] in v's dtype when `keep`)."""
+    B, H, T, hd = q.shape
+    kv = k.shape[1]
+    G = H // kv
+    qf = (q.float() * scale).view(B, kv, G, T, hd)
+    kt = k.float().transpose(-2, -1)  # (B, KV, hd, T)
+    out = torch.empty(B, kv, G, T, hd, dtype=q.dtype, device=q.device)
+    above = torch.ones(BLOCK, BLOCK, dtype=torch.bool, device=q.device).triu_(1)
+    kept = []
+    for start, end in _blocks(T):
+        rows = end - start
+        scores = qf[:, :, :, start:end].reshape(B, kv, G * rows, hd) @ kt[..., :end]  # (B, KV, G*rows, end)
+        scores = scores.view(B, kv, G, rows, end)
+        scores[..., start:end].masked_fill_(above[:rows, :rows], float("-inf"))  # query start+i sees keys <= start+i
+        weights = scores.softmax(dim=-1).to(v.dtype)
+        out[:, :, :, start:end] = (weights.view(B, kv, G * rows, end) @ v[:, :, :end]).view(B, kv, G, rows, hd)
+        if keep:
+            kept.append(weights.view(B, H, rows, end))
+    return out.view(B, H, T, hd), kept
+
+
 class _BlockCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         with torch.autocast(q.device.type, enabled=False):
-            T = q.shape[2]
             # Contiguous heads, so that every block's slice is a view that batched matmul reads as is
             # (the projections' heads arrive transposed: a slice of them would be copied per block).
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-            # Scores in float32, as the fused kernel keeps them: rounded to bf16's 8 bits, a score of
-            # 20 would move by ~0.04, and a peaked row's weights with it.
-            qf, kt = q.float() * scale, k.float().transpose(-2, -1)
-            out = torch.empty_like(q)
-            probs = []
-            for start, end in _blocks(T):
-                scores = qf[:, :, start:end] @ kt[..., :end]  # (B, H, rows, end)
-                # In the diagonal square, query start + i sees keys up to start + i.
-                upper = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
-                scores[..., start:end].masked_fill_(upper, float("-inf"))
-                p = scores.softmax(dim=-1).to(v.dtype)  # rounded for the product with V, as in a prefill
-                out[:, :, start:end] = p @ v[:, :, :end]
-                probs.append(p)
+            out, probs = _forward_blocks(q, k, v, scale, keep=True)
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, *probs)
         return out
@@ -96,14 +116,24 @@ class _BlockCausalAttention(torch.autograd.Function):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, causal) v for q, k, v [B, H, T, hd] -> [B, H, T, hd], with autograd.
+    """softmax(q k^T * scale, causal) v for q [B, H, T, hd] and k, v [B, KV, T, hd] (KV divides
+    H; KV == H where gradients are wanted) -> [B, H, T, hd], with autograd.
 
-    The same result as `F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)` to
-    the inputs' rounding; see the module docstring for when it is faster.
+    The same result as `F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+    enable_gqa=True)` to the inputs' rounding; see the module docstring for when it is faster.
     """
-    if q.shape != k.shape or k.shape != v.shape:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
         raise ValueError(
-            f"causal_attention needs q, k and v of one shape [B, H, T, hd], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}; expand grouped key/value heads first"
+            f"causal_attention needs q [B, H, T, hd] and k, v [B, KV, T, hd], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    return _BlockCausalAttention.apply(q, k, v, scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.shape[1] % k.shape[1] or (grad and k.shape[1] != q.shape[1]):
+        raise ValueError(
+            f"causal_attention: {q.shape[1]} query heads over {k.shape[1]} key/value heads; "
+            + ("expand grouped key/value heads first to train through it" if grad else "KV must divide H")
+        )
+    if grad:
+        return _BlockCausalAttention.apply(q, k, v, scale)
+    with torch.no_grad():
+        return _forward_blocks(q, k, v, scale, keep=False)[0]

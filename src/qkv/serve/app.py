@@ -45,7 +45,11 @@ class ServeOptions:
 
 
 ERRORS = {status: {"model": s.ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
-STREAMABLE = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# One server-sent event, as OpenAPI before 3.2 reads a text/event-stream schema: each `data:` line
+# a JSON chunk (or "[DONE]") of the endpoint's chunk shape.
+SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+             "required": ["data"]}  # fmt: skip
+STREAMABLE = {**ERRORS, 200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
 def create_app(models: dict[str, ServedModel], options: ServeOptions | None = None) -> FastAPI:

@@ -33,7 +33,7 @@ BLOCK = 64
 MAX_SAVED_BYTES = 256 << 20
 # A prefill (no grad) takes the blocks for prompts of this many tokens (benchmarks/prefill_attention.py
 # prints both paths by length); above the upper bound a block's float32 scores grow past tens of MB.
-PREFILL_MIN_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MIN", "128"))
+PREFILL_MIN_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MIN", "256"))
 PREFILL_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
 # Where the explicit path wins: bf16/fp16 on CPU (the fused kernel's float32 speed is on a par).
 DTYPES = (torch.bfloat16, torch.float16)

@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# Byte-compiled once, as pip does for an installed package: an editable install is compiled on
+	# first import, and not at all where PYTHONDONTWRITEBYTECODE is set (then every start pays it).
+	$(BIN)/python -m compileall -q src/qkv
 	touch $(STAMP)
 
 demo: $(STAMP)

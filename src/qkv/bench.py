@@ -13,7 +13,9 @@ What each number is (best of `repeats` runs after a warm-up, unless said otherwi
 - prefill: one forward of `prefill_tokens` ids through a fresh cache, logits for the last only.
 - batch: `batch_size` copies of the prompt, `batch_new_tokens` each; all new tokens over the whole
   `generate` call (prefill included).
-- load: `qkv.load(MODEL)` in a fresh process; the best over the processes that load it.
+- load: `qkv.load(MODEL)` in a fresh process, with qkv's modules (and transformers' for that
+  side) imported before the clock starts, as the peer's runner imports llama_cpp before it times
+  `Llama(...)`; the best over the processes that load it. Imports are in the start times.
 - peak RSS: the decode process's peak resident memory (`ru_maxrss`: load, warm-up and decoding).
 - first/second start: wall seconds from launching a new process to the return of
   `generate(prompt, max_new_tokens=2)`, i.e. to the first token of the decode loop (the step that
@@ -327,6 +329,14 @@ def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> f
     return min(times)
 
 
+def _import_backend(job: dict[str, Any]) -> None:
+    """The library the job loads with, imported (what `_load` then finds in sys.modules)."""
+    if job["backend"] == "transformers":
+        import transformers  # noqa: F401
+    else:
+        import qkv.loading  # noqa: F401
+
+
 def _load(job: dict[str, Any]):
     """(model, generate(ids, n), prefill(ids)) for the job's backend."""
     import torch
@@ -364,6 +374,7 @@ def _worker(job: dict[str, Any]) -> dict[str, float]:
 
     os.environ["QKV_THREADS"] = str(job["threads"])  # what qkv.load sets torch's threads to
     torch.set_num_threads(job["threads"])
+    _import_backend(job)
     start = time.perf_counter()
     _, generate, prefill = _load(job)
     out = {"load_s": time.perf_counter() - start}

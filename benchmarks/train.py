@@ -17,10 +17,10 @@ clipping at 1.0. Every side is its own fresh process with the same thread count 
   weights and optimizer) on the same `ModelConfig`-built GPT, timed around `Trainer.train`;
 - compiled (--compile): the bf16 side with `torch.compile` on the model; its first step (trace,
   compile from an empty inductor cache, run) is printed separately: it is paid once per process.
-A qkv side may carry flags, e.g. `--sides nanogpt,fp32,fp32+foreach,bf16,bf16+blockattn`, to
-measure one lever at a time: +foreach (AdamW's foreach update, not the fused kernel), +plainloss
-(the loss as `F.cross_entropy` on float32 copies of the shifted logits), +blockattn (bf16 causal
-self-attention through `qkv.nn.causal_attention`, as the hook proposed for nn/attention.py would).
+A qkv side may carry flags, e.g. `--sides nanogpt,fp32,bf16,bf16+fusedattn`, that take one lever
+back out: +foreach (AdamW's foreach update, not the fused kernel), +plainloss (the loss as
+`F.cross_entropy` on float32 copies of the shifted logits), +fusedattn (torch's fused attention
+kernel, not the block-causal matmuls of `qkv.nn.causal_attention`, which bf16 training takes).
 
 Data: char-level ids of the Python standard library's sources (the text qkv's demo trains on),
 written in nanoGPT's format (train.bin / val.bin as uint16, meta.pkl with the vocabulary), the
@@ -56,11 +56,11 @@ NANOGPT = Path(__file__).resolve().parent / "peers" / "nanogpt"
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16)
 HYPER = dict(learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
 SIDES = ("nanogpt", "fp32", "bf16", "compiled")
-# A qkv side may take levers back out, or add one not yet wired in: "bf16+foreach+blockattn".
+# A qkv side may take levers back out: "bf16+foreach+fusedattn" is the bf16 side before them.
 FLAGS = {
     "foreach": "AdamW's foreach update instead of the fused kernel (the optimizer before the fused lever)",
     "plainloss": "the loss as F.cross_entropy on float32 copies of the shifted logits (before the chunked loss)",
-    "blockattn": "bf16 causal self-attention through qkv.nn.causal_attention (the proposed attention.py hook)",
+    "fusedattn": "torch's fused attention kernel instead of qkv.nn.causal_attention's blocks (before that lever)",
 }
 ITER_LINE = re.compile(r"^iter (\d+): loss ([0-9.]+), time ([0-9.]+)ms")
 
@@ -167,22 +167,12 @@ def plain_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1).long(), ignore_index=-100)
 
 
-def route_block_attention() -> None:
-    """Send bf16 causal self-attention of training steps to `causal_attention`, as the one-line
-    hook proposed for `qkv.nn.attention._sdpa` does (a no-op once attention.py has it)."""
+def fused_attention_only() -> None:
+    """Take the block-causal lever back out: every attention call takes torch's fused kernel (as
+    before `qkv.nn.causal_attention` was wired into `qkv.nn.attention._sdpa`)."""
     import qkv.nn.attention as attention
-    from qkv.nn.causal_attention import causal_attention, causal_attention_fits
 
-    if "causal_attention" in vars(attention):
-        return
-    sdpa = attention.BACKENDS["sdpa"]
-
-    def routed(q, k, v, mask, scale, dropout_p, need_weights):
-        if mask.is_causal and mask.bias is None and causal_attention_fits(q, k, dropout_p):
-            return causal_attention(q, k, v, scale), None
-        return sdpa(q, k, v, mask, scale, dropout_p, need_weights)
-
-    attention.BACKENDS["sdpa"] = routed
+    attention.causal_attention_fits = lambda q, k, dropout_p: False
 
 
 def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
@@ -196,8 +186,8 @@ def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
     side, *flags = side.split("+")
     if "plainloss" in flags:
         decoder.next_token_loss = plain_loss
-    if "blockattn" in flags:
-        route_block_attention()
+    if "fusedattn" in flags:
+        fused_attention_only()
     torch.set_num_threads(threads)
     torch.manual_seed(1337)
     model = build_model(pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"])

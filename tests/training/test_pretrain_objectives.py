@@ -34,7 +34,9 @@ def test_encoder_objectives_save_a_loadable_encoder_and_resume(corpus, tmp_path,
         run(corpus, tmp_path / "run", objective, steps=2)
 
     other = {"mlm": "causal", "rtd": "mlm"}[objective]
-    with pytest.raises(UsageError, match=f"is a run of objective '{objective}', not '{other}'; resume with --objective"):
+    with pytest.raises(
+        UsageError, match=f"is a run of objective '{objective}', not '{other}'; resume with --objective"
+    ):
         run(corpus, tmp_path / "run", other, steps=4, resume=True)
     resumed = run(corpus, tmp_path / "run", objective, steps=4, resume=True)
     assert resumed.step == 4 and [r["step"] for r in resumed.history if "loss" in r] == [3, 4]

@@ -54,3 +54,17 @@ def left_pad(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torc
         ids[i, width - len(r) :] = r
         mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def peft_adapter(hf_model, targets: list[str], rank: int, alpha: float, seed: int):
+    """`peft.get_peft_model(hf_model, LoraConfig(...))` with every LoRA weight drawn at random
+    (x 0.2), so that the adapter changes the logits (PEFT's own init leaves B at zero)."""
+    import peft
+
+    model = peft.get_peft_model(hf_model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from tests.tiny_models import peft_adapter
 
 import qkv
 from oracle import make_hf_model
@@ -110,12 +111,7 @@ def test_qkv_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
 
 def test_peft_adapter_loads_in_qkv_with_equal_logits(family, tmp_path):
     _, hf, base, _, peft_targets = family
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=5, target_modules=peft_targets))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for key, p in peft_model.named_parameters():
-            if "lora_" in key:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model = peft_adapter(hf, peft_targets, rank=3, alpha=5, seed=2)
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

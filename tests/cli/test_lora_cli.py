@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.tiny_models import peft_adapter
 
 import qkv
 from cli_run import qkv as run
@@ -24,13 +25,7 @@ def base_and_adapter(tmp_path):
     adapted model's logits on `ids` as PEFT computes them."""
     hf = make_hf_model("llama-gqa-6-2")
     hf.save_pretrained(tmp_path / "base")
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                           "down_proj"]))  # fmt: skip
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model = peft_adapter(hf, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, seed=5)
     peft_model.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

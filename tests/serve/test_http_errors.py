@@ -177,7 +177,9 @@ def test_a_full_queue_is_429_with_retry_after(tiny_queue_server):
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
-    assert statuses.count(200) >= 2 and 429 in statuses, statuses  # one decoding, one waiting, the rest refused
+    # At most one decoding and one waiting are admitted; whether the first has left the queue for
+    # the batch when the others arrive depends on timing, so one or two succeed. The rest are refused.
+    assert 1 <= statuses.count(200) <= 2 and statuses.count(429) >= 14, statuses
     for r in responses:
         if r.status_code == 429:
             assert_error(r, 429, None, "queue is full")

@@ -9,42 +9,29 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from distributed_setup import BATCH, HALF, STEPS, config, losses, tiny
 
-from qkv import DecoderLM, ModelConfig
+from qkv import ModelConfig
 from qkv.errors import UsageError
 from qkv.training import BlockLoader, Trainer, TrainingConfig
 from qkv.training.distributed import DistEnv, detect, split_rows, transformer_blocks
-
-STEPS, HALF, BATCH = 20, 10, 4
 
 WORKER = r"""
 import dataclasses, json, shutil, sys
 from pathlib import Path
 import torch
-from qkv import DecoderLM, ModelConfig
-from qkv.training import BlockLoader, Trainer, TrainingConfig, distributed
+from qkv.training import BlockLoader, Trainer, distributed
 
 torch.set_num_threads(1)
 blocks, out = torch.load(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, sys.argv[3])  # tests/training: the helpers the test process uses too
+from distributed_setup import BATCH, HALF, STEPS, config, losses, tiny as model
+
 env = distributed.init()
-STEPS, HALF, BATCH = 20, 10, 4
-
-
-def model():
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=64, d_model=32, n_heads=2, n_layers=2, max_seq_len=16)
-    return DecoderLM(cfg)
-
-
-def config(**kw):
-    return TrainingConfig(steps=STEPS, lr=3e-3, warmup_steps=2, grad_clip=0.5, progress=False, **kw)
-
-
-def losses(records):
-    return [r.get("loss", r.get("eval_loss")) for r in records]
 
 
 def copy(src, dst):
@@ -88,20 +75,6 @@ distributed.destroy()
 """
 
 
-def tiny():
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("tiny-gpt2", vocab_size=64, d_model=32, n_heads=2, n_layers=2, max_seq_len=16)
-    return DecoderLM(cfg)
-
-
-def config(**kw):
-    return TrainingConfig(steps=STEPS, lr=3e-3, warmup_steps=2, grad_clip=0.5, progress=False, **kw)
-
-
-def losses(records):
-    return [r.get("loss", r.get("eval_loss")) for r in records]
-
-
 @pytest.fixture(scope="module")
 def blocks():
     g = torch.Generator().manual_seed(0)
@@ -125,7 +98,7 @@ def two_ranks(blocks, tmp_path_factory):
         single = config(save_every=HALF, out_dir=str(out / f"{source}_run"), sharded_checkpoint=sharded)
         Trainer(tiny(), single, BlockLoader(blocks[:16], BATCH)).train(until=HALF)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(out / "worker.py"), str(out / "blocks.pt"), str(out)]  # fmt: skip
+               str(out / "worker.py"), str(out / "blocks.pt"), str(out), str(Path(__file__).parent)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())

@@ -1,5 +1,5 @@
 """Causal self-attention on CPU as block-causal matmuls instead of the fused kernel, for a
-bfloat16 (or float16) prompt's prefill and for training steps.
+bfloat16 prompt's prefill and for bfloat16 training steps.
 
 On CPU, PyTorch's fused (flash) attention kernel runs these shapes at a fraction of the half
 precision matmul's speed: SmolLM2's 512-token prefill spent 40% of its time in it, and at
@@ -35,13 +35,14 @@ MAX_SAVED_BYTES = 256 << 20
 # prints both paths by length); above the upper bound a block's float32 scores grow past tens of MB.
 PREFILL_MIN_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MIN", "256"))
 PREFILL_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
-# Where the explicit path wins: bf16/fp16 on CPU (the fused kernel's float32 speed is on a par).
-DTYPES = (torch.bfloat16, torch.float16)
+# Where the explicit path was measured to win: bfloat16 on CPU (the fused kernel's float32 speed is
+# on a par; float16 matmuls on a CPU without AVX-512 FP16 were not measured, so they keep the kernel).
+DTYPES = (torch.bfloat16,)
 
 
 def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     """Whether `causal_attention` should run a causal self-attention over q [B, H, T, hd] and
-    k [B, KV, T, hd] on CPU in bf16/fp16 without dropout: either a training step (gradients
+    k [B, KV, T, hd] on CPU in bfloat16 without dropout: either a training step (gradients
     wanted) with as many key as query heads whose kept weights stay under MAX_SAVED_BYTES, or a
     prefill (no gradients) of PREFILL_MIN_TOKENS to PREFILL_MAX_TOKENS tokens."""
     B, H, T, _ = q.shape

@@ -171,7 +171,7 @@ _INT4_DENSE_ARGS = (ctypes.c_void_p,) * 3 + (ctypes.c_int64,) * 3 + (ctypes.c_in
 
 def _int4_dense_native(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out: torch.Tensor, n: int, k: int,
                        group: int) -> bool:  # fmt: skip
-    """Fill `out` (bfloat16 [n / 64, k, 64]) from the packed int4 form with the C kernel in
+    """Fill `out` (bfloat16 [k, n]: W^T) from the packed int4 form with the C kernel in
     `qkv/kernels/int4_dense.c`: one pass, ~10x the torch ops below it. False where it is not built."""
     fn = kernels.function("int4_dense", "qkv_int4_dense_bf16", _INT4_DENSE_ARGS)
     if fn is None or not (packed.is_contiguous() and scales_and_zeros.is_contiguous() and out.is_contiguous()):
@@ -405,19 +405,20 @@ class QuantLinear(nn.Module):
         return ("int4", _int4pack(q), group, scales_and_zeros, self.bits == 8)
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight for a many-row forward, equal to `dequantize(dtype)`. From the int4
-        kernel layout in bfloat16 it is built as blocks of W^T (the kernel's own order: contiguous
-        conversions, no transposing reads), scaled in place, then laid out as one [N, K] view of a
-        [K, N] tensor."""
+        """The dense weight for a many-row forward, equal to `dequantize(dtype)`: an [N, K] view of
+        W^T [K, N], the layout the matmul reads. From the int4 kernel layout it is written block of
+        64 rows by block (the packed order: contiguous reads and writes), scaled in place, straight
+        into that tensor: no copy to reach the layout."""
         kernel = self._kernel
         if not (self._released and dtype == self._kernel_dtype and kernel[0] == "int4" and not kernel[4]):
             return self.dequantize(dtype)
         _, packed, group, scales_and_zeros, _ = kernel
         N, K = self.out_features, self.in_features
         nb, half = N // _BLOCK_N, _BLOCK_N // 2
-        wt = torch.empty(nb, K, _BLOCK_N, dtype=dtype)  # wt[b, k, j] = W[b * 64 + j, k]
-        if dtype == torch.bfloat16 and _int4_dense_native(packed, scales_and_zeros, wt, N, K, group):
-            return wt.transpose(0, 1).reshape(K, N).t()
+        w_t = torch.empty(K, N, dtype=dtype)
+        if dtype == torch.bfloat16 and _int4_dense_native(packed, scales_and_zeros, w_t, N, K, group):
+            return w_t.t()
+        wt = w_t.view(K, nb, _BLOCK_N).transpose(0, 1)  # wt[b, k, j] = W[b * 64 + j, k]
         blocks = packed.view(nb, K, half)
         wt[..., :half] = blocks & 15
         wt[..., half:] = blocks >> 4
@@ -425,7 +426,7 @@ class QuantLinear(nn.Module):
         scale, zero = scale.view(-1, nb, _BLOCK_N).transpose(0, 1), zero.view(-1, nb, _BLOCK_N).transpose(0, 1)
         g = wt.view(nb, K // group, group, _BLOCK_N)
         g.sub_(8).mul_(scale[:, :, None]).add_(zero[:, :, None])  # `dequantize`'s arithmetic, bit for bit
-        return wt.transpose(0, 1).reshape(K, N).t()
+        return w_t.t()
 
     def _values_from_kernel(self) -> torch.Tensor:
         _, packed, group, _, doubled = self._kernel

@@ -9,8 +9,7 @@ import torch
 
 from qkv.atomic import atomic_path
 from qkv.errors import UsageError
-
-KINDS = ("self", "encoder", "cross")
+from qkv.interpret.ablation import KINDS
 
 
 @torch.no_grad()

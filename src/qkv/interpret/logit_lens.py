@@ -1,0 +1,44 @@
+"""The logit lens (nostalgebraist 2020): read each layer's hidden state through the final norm and
+the LM head, as if the model stopped there, to see at which depth the prediction forms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkv.errors import UsageError
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """token_ids, probs: [B, L, T, k], the top-k next tokens (and their probabilities) that layer
+    l's output would predict at each position; layer L - 1 is the model's own prediction."""
+
+    token_ids: torch.Tensor
+    probs: torch.Tensor
+
+
+@torch.no_grad()
+def logit_lens(model: torch.nn.Module, input_ids: torch.Tensor, top_k: int = 5) -> LogitLens:
+    """Top-k predictions of every layer of a decoder for input_ids [B, T].
+
+    One layer at a time, so the memory is one [B, T, V] of logits, not L of them.
+    """
+    from qkv.models.decoder import DecoderLM
+
+    if not isinstance(model, DecoderLM):
+        raise UsageError(
+            f"the logit lens reads a decoder's final norm and LM head; {type(model).__name__} is not a decoder LM"
+        )
+    if not 1 <= top_k <= model.config.vocab_size:
+        raise UsageError(f"top_k must be in 1..{model.config.vocab_size} (the vocabulary), got {top_k}")
+    hidden = model(input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+    # hidden[l] is the input of block l; hidden[L] the last block's output, already through the final norm.
+    outputs = [model.norm(h) for h in hidden[1:-1]] + [hidden[-1]]
+    ids, probs = [], []
+    for h in outputs:
+        p, i = model.lm_head(h).float().softmax(-1).topk(top_k, dim=-1)
+        ids.append(i)
+        probs.append(p)
+    return LogitLens(token_ids=torch.stack(ids, 1), probs=torch.stack(probs, 1))

@@ -85,7 +85,7 @@ def test_keeps_the_models_dtype(model):
     "ids, window, message",
     [
         ([1, 2, 3], 1, r"window=1: a window needs at least 2 tokens"),
-        ([1, 2, 3], 128, r"window=128 is longer than the model's context \(max_seq_len=64\)"),
+        ([1, 2, 3], 128, r"window=128 is longer than the model's context \(64 tokens\)"),
         ([5], 16, r"at least 2 token ids.*got 1"),
         ([], 16, r"at least 2 token ids.*got 0"),
         ([1, VOCAB], 16, rf"token ids must lie in \[0, {VOCAB}\).*from 1 to {VOCAB}"),
@@ -109,3 +109,40 @@ def test_heldout_text_is_deterministic_and_long_enough():
     assert heldout_text(min_chars=1000) == text[: len(heldout_text(min_chars=1000))]  # a prefix of the same text
     with pytest.raises(UsageError, match="fewer than min_chars"):
         heldout_text(min_chars=10**9)
+
+
+# -- chunked: each window fed through a KV cache, a chunk of tokens per forward -----------------------
+
+
+@pytest.mark.parametrize("length, window, chunk", [(64, 64, 7), (70, 32, 16), (40, 64, 1), (33, 16, 64)])
+def test_chunked_equals_one_forward_per_window(model, length, window, chunk):
+    ids = random_ids(VOCAB, 1, length, seed=length + chunk, low=0)[0]
+    nll, count = reference(model, ids, window)
+    result = perplexity(model, ids, window=window, chunk=chunk)
+    assert result.count == count
+    assert result.nll_sum == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{"position": "alibi"}, {"sliding_window": 8}], ids=["alibi", "sliding"])
+def test_chunked_equals_one_forward_with_alibi_and_a_sliding_window(overrides):
+    other = tiny_model("tiny-llama", vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, **overrides)
+    ids = random_ids(VOCAB, 1, 50, seed=6, low=0)[0]
+    assert perplexity(other, ids, window=50, chunk=6).nll_sum == pytest.approx(reference(other, ids, 50)[0], rel=1e-5)
+
+
+def test_chunked_runs_past_the_trained_context_under_rope_scaling():
+    """A window longer than max_seq_len is refused until a RoPE scaling stretches the context."""
+    from qkv.generation import scale_rope
+
+    long = tiny_model("tiny-llama", vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=32)
+    ids = random_ids(VOCAB, 1, 64, seed=7, low=0)[0]
+    with pytest.raises(UsageError, match=r"window=64 is longer than the model's context \(32 tokens\)"):
+        perplexity(long, ids, window=64, chunk=16)
+    scale_rope(long, "linear:2")
+    assert perplexity(long, ids, window=64, chunk=16).nll_sum == pytest.approx(reference(long, ids, 64)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
+def test_a_bad_chunk_is_refused(model, chunk):
+    with pytest.raises(UsageError, match=r"chunk=.* must be a positive number of tokens"):
+        perplexity(model, [1, 2, 3], window=16, chunk=chunk)

@@ -48,28 +48,53 @@ def print_progress(done: int, total: int, ppl: float) -> None:
 
 
 def perplexity(
-    model: nn.Module, ids: torch.Tensor | Sequence[int], window: int = 512, progress: Progress | None = None
+    model: nn.Module,
+    ids: torch.Tensor | Sequence[int],
+    window: int = 512,
+    progress: Progress | None = None,
+    chunk: int | None = None,
 ) -> Perplexity:
     """Perplexity of `model` (a causal LM: `model(input_ids [1, T]).logits` -> [1, T, V]) on `ids`
     ([T] or [1, T]), by the windowed protocol in this module's docstring.
 
     Runs under `torch.no_grad` in the model's own dtype; the log-softmax is taken in float32.
-    `progress` is called after each window (see `print_progress`).
+    `progress` is called after each window (see `print_progress`). `chunk` runs each window
+    `chunk` tokens per forward through a KV cache (`model.new_cache` / `model.decode`, the
+    generation protocol), so a long window's activations and logits grow with the chunk, not the
+    window; the numbers are those of one forward per window (to float rounding), except under
+    dynamic NTK RoPE scaling, whose base follows the longest position seen so far (as in cached
+    generation) rather than the whole window's.
     """
     ids = _check_ids(model, ids, window)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise UsageError(f"chunk={chunk!r} must be a positive number of tokens (or None: one forward per window)")
+    if chunk is not None and not (hasattr(model, "new_cache") and hasattr(model, "decode")):
+        raise UsageError(f"chunk= needs a model with a KV cache (new_cache/decode); {type(model).__name__} has none")
     device = next(model.parameters()).device
     starts = [s for s in range(0, len(ids), window) if len(ids) - s >= 2]
     nll_sum, count = 0.0, 0
     with torch.no_grad():
         for done, start in enumerate(starts, 1):
-            chunk = ids[start : start + window].to(device)
-            logits = model(chunk[None]).logits[0, :-1]  # [n - 1, V]: row t predicts token t + 1
-            nll = F.cross_entropy(logits.float(), chunk[1:], reduction="sum")
-            nll_sum += float(nll)
-            count += len(chunk) - 1
+            piece = ids[start : start + window].to(device)
+            nll_sum += _window_nll(model, piece, chunk)
+            count += len(piece) - 1
             if progress is not None:
                 progress(done, len(starts), math.exp(nll_sum / count))
     return Perplexity(nll_sum=nll_sum, count=count, ppl=math.exp(nll_sum / count))
+
+
+def _window_nll(model: nn.Module, piece: torch.Tensor, chunk: int | None) -> float:
+    """Summed NLL of piece[1:] given what precedes each token: one forward of the window, or its
+    tokens but the last fed `chunk` at a time through a cache (row t predicts token t + 1)."""
+    if chunk is None:
+        logits = model(piece[None]).logits[0, :-1]  # [n - 1, V]
+        return float(F.cross_entropy(logits.float(), piece[1:], reduction="sum"))
+    inputs, nll = piece[:-1], 0.0
+    cache = model.new_cache(1, len(inputs))
+    for start in range(0, len(inputs), chunk):
+        logits = model.decode(inputs[None, start : start + chunk], cache)[0]  # [chunk, V]
+        nll += float(F.cross_entropy(logits.float(), piece[start + 1 : start + 1 + chunk], reduction="sum"))
+    return nll
 
 
 def _check_ids(model: nn.Module, ids: torch.Tensor | Sequence[int], window: int) -> torch.Tensor:
@@ -77,9 +102,12 @@ def _check_ids(model: nn.Module, ids: torch.Tensor | Sequence[int], window: int)
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise UsageError(f"window={window!r}: a window needs at least 2 tokens (one to predict from, one to score)")
     cfg = getattr(model, "config", None)
-    limit = getattr(cfg, "max_seq_len", None)
+    limit = getattr(cfg, "context_limit", getattr(cfg, "max_seq_len", None))
     if limit is not None and window > limit:
-        raise UsageError(f"window={window} is longer than the model's context (max_seq_len={limit}); use a smaller one")
+        raise UsageError(
+            f"window={window} is longer than the model's context ({limit} tokens); use a smaller one, "
+            "or stretch a RoPE model's context (qkv.generation.scale_rope)"
+        )
     if not isinstance(ids, torch.Tensor):
         ids = torch.as_tensor(ids) if len(ids) else torch.zeros(0, dtype=torch.long)  # [] would be float32
     if ids.dim() == 2 and ids.shape[0] == 1:

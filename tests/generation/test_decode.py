@@ -7,7 +7,9 @@ import torch
 
 from qkv import DecoderLM, ModelConfig
 from qkv.generation import generate
-from tiny_models import random_ids
+from qkv.generation.decode import start_decoding
+from qkv.generation.static_step import StaticStep
+from tiny_models import left_pad, random_ids, tiny_model
 
 
 @pytest.mark.parametrize("new", [24])
@@ -89,3 +91,42 @@ def test_prompt_longer_than_context_raises():
     model = DecoderLM(ModelConfig.from_name("tiny-gpt2", max_seq_len=8)).eval()
     with pytest.raises(ValueError, match="context"):
         generate(model, random_ids(512, 1, 9, seed=3), max_new_tokens=2)
+
+
+# -- chunked prefill: the prompt fed through the cache a chunk at a time ---------------------------
+# A window of 8 is shorter than the prompts, so the cache is a ring and chunks overwrite it.
+CHUNKED = {"rope": {}, "alibi": {"position": "alibi"}, "sliding-window": {"sliding_window": 8}}
+
+
+@pytest.mark.parametrize("case", CHUNKED)
+def test_chunked_prefill_equals_one_forward(case):
+    """float32: the same last-position logits and greedy tokens, for a left-padded batch too."""
+    model = tiny_model("tiny-llama", **CHUNKED[case])
+    ids, mask = left_pad([random_ids(512, 1, n, seed=n)[0] for n in (37, 23, 30)])
+    whole = start_decoding(model, ids, 4, mask, chunk=None)[1]
+    tokens = generate(model, ids, max_new_tokens=12, attention_mask=mask, prefill_chunk=None)
+    for chunk in (1, 5, 16, 64):
+        torch.testing.assert_close(start_decoding(model, ids, 4, mask, chunk=chunk)[1], whole, atol=1e-5, rtol=1e-5)
+        chunked = generate(model, ids, max_new_tokens=12, attention_mask=mask, prefill_chunk=chunk)
+        assert chunked.tolist() == tokens.tolist(), chunk
+    alone = random_ids(512, 1, 41, seed=1)
+    assert generate(model, alone, max_new_tokens=12, prefill_chunk=6).tolist() == (
+        generate(model, alone, max_new_tokens=12, prefill_chunk=None).tolist()
+    )
+
+
+def test_chunked_prefill_of_a_static_cache_and_of_beam_search():
+    model = tiny_model("tiny-llama")
+    ids = random_ids(512, 2, 33, seed=2)
+    step = StaticStep(model)
+    logits = [step.prefill(ids, step.new_cache(2, 40), chunk) for chunk in (None, 5)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    beams = [generate(model, ids, max_new_tokens=6, num_beams=3, prefill_chunk=c) for c in (None, 4)]
+    assert beams[0].tolist() == beams[1].tolist()
+
+
+def test_prefill_chunk_must_be_a_positive_integer():
+    model = tiny_model("tiny-llama")
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=r"prefill_chunk=.* must be an integer >= 1"):
+            generate(model, random_ids(512, 1, 4, seed=0), max_new_tokens=2, prefill_chunk=bad)

@@ -16,6 +16,7 @@ from qkv.cli.args import (
     probability,
 )
 from qkv.errors import UsageError
+from qkv.generation.context import DEFAULT_FACTOR, RopeScaling
 from qkv.generation.options import GenerationConfig
 
 
@@ -60,6 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_arguments(p)
     p.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1 = no beam search)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length^this")
+    p.add_argument(
+        "--prefill-chunk", type=positive_int, default=GenerationConfig.prefill_chunk, metavar="N",
+        help="feed the prompt N tokens per forward, so a long prompt's memory grows with N (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rope-scaling", type=rope_scaling_argument, default=None, metavar="KIND[:FACTOR]",
+        help="run a RoPE model past its trained context: linear, dynamic (NTK) or yarn, with the factor the "
+             f"context grows by (default {DEFAULT_FACTOR:g}), e.g. yarn:4",
+    )  # fmt: skip
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument(
@@ -90,6 +100,14 @@ def json_schema_argument(value: str) -> str:
         ) from None
 
 
+def rope_scaling_argument(value: str) -> RopeScaling:
+    """--rope-scaling KIND[:FACTOR], checked before the model loads."""
+    try:
+        return RopeScaling.parse(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file:
         try:
@@ -115,6 +133,7 @@ def encode_checked(args: argparse.Namespace, model, tok, prompt: str, add_specia
 
 
 def run(args: argparse.Namespace) -> int:
+    from qkv.generation.context import scale_rope
     from qkv.generation.text import complete, stream_completion
     from qkv.loading import load
 
@@ -128,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     if beams:
         config.check_supported("beam")  # refuse what beams cannot do before loading the model
     model = load(args.model, dtype=args.dtype, quantize=args.quantize, dequantize=args.dequantize)
+    if args.rope_scaling is not None:
+        try:
+            scale_rope(model, args.rope_scaling)
+        except UsageError as exc:
+            raise UsageError(f"--rope-scaling: {args.model}: {exc}") from None
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"{args.model} carries no tokenizer, so a text prompt cannot be encoded")

@@ -9,6 +9,7 @@ reached only through `qkv.models.protocol.GenerativeModel`.
 from qkv.generation.api import generate
 from qkv.generation.beam import ban_repeated_ngrams, beam_search
 from qkv.generation.constrained import JSON_OBJECT, JsonSchemaProcessor, response_format_schema
+from qkv.generation.context import RopeScaling, scale_rope
 from qkv.generation.decode import context_budget, decode_one_token, decode_steps, prefill
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import (
@@ -32,6 +33,7 @@ __all__ = [
     "GenerationConfig",
     "JsonSchemaProcessor",
     "LogitsProcessor",
+    "RopeScaling",
     "SpeculativeStats",
     "StaticStep",
     "StopStrings",
@@ -49,6 +51,7 @@ __all__ = [
     "repetition_penalty",
     "response_format_schema",
     "sample_next_token",
+    "scale_rope",
     "speculative_generate",
     "stream",
     "stream_completion",

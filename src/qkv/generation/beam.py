@@ -80,7 +80,9 @@ def beam_search(
     B = input_ids.shape[0]
     device = input_ids.device
     # logits (B, V) after the prefix (B, T): the prompt, or an encoder-decoder's start token
-    cache, logits, prefix, attention_mask = start_decoding(model, input_ids, n_new, attention_mask)
+    cache, logits, prefix, attention_mask = start_decoding(
+        model, input_ids, n_new, attention_mask, config.prefill_chunk
+    )
     T = prefix.shape[1]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     pad = pad_id(config, eos)

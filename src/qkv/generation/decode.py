@@ -17,6 +17,7 @@ import torch
 from qkv.cache import KVCache
 from qkv.errors import UsageError
 from qkv.generation.constrained import JsonSchemaProcessor
+from qkv.generation.context import describe_context
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
@@ -40,26 +41,40 @@ def prefill(
     input_ids: torch.Tensor,
     cache: KVCache,
     attention_mask: torch.Tensor | None = None,
+    chunk: int | None = GenerationConfig.prefill_chunk,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed the prompt [B, T] -> (last-position logits [B, V], the sequence being continued [B, P]).
 
-    A decoder continues the prompt itself (filling the cache). An encoder-decoder encodes the
-    prompt into the cache's cross-attention context and continues [decoder_start_token_id].
+    A decoder continues the prompt itself, filling the cache `chunk` tokens per forward (None:
+    all at once): each chunk attends to the cache and to itself, so the prefill's activations
+    grow with the chunk and only its attention scores [chunk, T] with the prompt, and logits are
+    computed for the last position only. An encoder-decoder encodes the prompt into the cache's
+    cross-attention context and continues [decoder_start_token_id].
     """
     if is_encoder_decoder(model):
         model.encode(input_ids, attention_mask, cache=cache)
         prefix = model.decoder_start_ids(input_ids.shape[0])
         return model.decode(prefix, cache, logits_to_keep=1)[:, -1], prefix
     position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
-    logits = model.decode(input_ids, cache, attention_mask, position_ids, logits_to_keep=1)
+    T = input_ids.shape[1]
+    for start in range(0, T, chunk or T):
+        end = min(T, start + (chunk or T))
+        mask = attention_mask[:, :end] if attention_mask is not None else None  # [B, past + chunk]
+        positions = position_ids[:, start:end] if position_ids is not None else None
+        logits = model.decode(input_ids[:, start:end], cache, mask, positions, logits_to_keep=1)
     return logits[:, -1], input_ids
 
 
 def start_decoding(
-    model: torch.nn.Module, input_ids: torch.Tensor, n_new: int, attention_mask: torch.Tensor | None = None
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    n_new: int,
+    attention_mask: torch.Tensor | None = None,
+    chunk: int | None = GenerationConfig.prefill_chunk,
 ) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Prefill the prompt into a new cache with room for `n_new` more tokens -> (cache, last-position
-    logits [B, V], the sequence being continued [B, P], the padding mask decoding goes on with).
+    """Prefill the prompt (`chunk` tokens per forward, see `prefill`) into a new cache with room
+    for `n_new` more tokens -> (cache, last-position logits [B, V], the sequence being continued
+    [B, P], the padding mask decoding goes on with).
 
     A mask without padding becomes None (the mask-free fast path); an encoder-decoder's mask was
     its encoder's, and every decoder row starts alike, so decoding goes on without one.
@@ -68,7 +83,7 @@ def start_decoding(
         attention_mask = None
     seq2seq = is_encoder_decoder(model)
     cache = model.new_cache(input_ids.shape[0], (1 if seq2seq else input_ids.shape[1]) + n_new)
-    logits, prefix = prefill(model, input_ids, cache, attention_mask)
+    logits, prefix = prefill(model, input_ids, cache, attention_mask, chunk)
     return cache, logits, prefix, None if seq2seq else attention_mask
 
 
@@ -97,12 +112,14 @@ def generation_budget(model: torch.nn.Module, prompt_len: int, max_new_tokens: i
         if prompt_len == 0:
             raise UsageError("the prompt is empty; give at least one token (e.g. the EOS token)")
         prompt_len = 1
-    return context_budget(model.config.context_limit, prompt_len, max_new_tokens)
+    cfg = model.config
+    return context_budget(cfg.context_limit, prompt_len, max_new_tokens, describe_context(cfg))
 
 
-def context_budget(limit: int | None, prompt_len: int, max_new_tokens: int) -> int:
+def context_budget(limit: int | None, prompt_len: int, max_new_tokens: int, context: str | None = None) -> int:
     """How many tokens may be generated after a prompt: max_new_tokens, capped so that prompt and
-    generated tokens together fit the context `limit` (None: unbounded).
+    generated tokens together fit the context `limit` (None: unbounded; `context`: how an error
+    names it, default the number).
 
     The one rule every decoding path uses: the prompt must leave room for at least one new token.
     """
@@ -110,7 +127,7 @@ def context_budget(limit: int | None, prompt_len: int, max_new_tokens: int) -> i
         raise UsageError("the prompt is empty; give at least one token (e.g. the BOS token)")
     if limit is not None and prompt_len >= limit:
         raise UsageError(
-            f"prompt of {prompt_len} tokens leaves no room in the model's context of {limit} "
+            f"prompt of {prompt_len} tokens leaves no room in the model's context of {context or limit} "
             "(prompt + generated tokens must fit); shorten the prompt"
         )
     return max_new_tokens if limit is None else min(max_new_tokens, limit - prompt_len)
@@ -190,9 +207,11 @@ def decode_steps(
             raise ValueError("compile=True does not support encoder-decoder models yet; pass compile=False")
         static = StaticStep(model, compile=True)
         cache = static.new_cache(B, input_ids.shape[1] + n_new)
-        logits, tokens, attention_mask = static.prefill(input_ids, cache), input_ids, None
+        logits, tokens, attention_mask = static.prefill(input_ids, cache, config.prefill_chunk), input_ids, None
     else:
-        cache, logits, tokens, attention_mask = start_decoding(model, input_ids, n_new, attention_mask)
+        cache, logits, tokens, attention_mask = start_decoding(
+            model, input_ids, n_new, attention_mask, config.prefill_chunk
+        )
     T = tokens.shape[1]  # the sequence being continued: the prompt, or the decoder's start token
     own, generator = sampling_setup(config, T, device)
     processors = own if processors is None else processors

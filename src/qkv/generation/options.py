@@ -44,6 +44,9 @@ class GenerationConfig:
     presence_penalty: float = 0.0
     seed: int | None = None  # sampling is reproducible when set
     num_return_sequences: int = 1
+    # A prompt is fed this many tokens per forward through the KV cache, so the prefill's
+    # activations grow with the chunk, not the prompt (None: the whole prompt in one forward)
+    prefill_chunk: int | None = 512
     # Beam search
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -90,6 +93,8 @@ class GenerationConfig:
         number("temperature", lambda t: t >= 0, "a finite number >= 0 (0 = greedy)")
         if self.top_k is not None:
             integer("top_k", 0)
+        if self.prefill_chunk is not None:
+            integer("prefill_chunk", 1)
         for name in ("top_p", "typical_p"):
             if getattr(self, name) is not None:
                 number(name, lambda p: 0.0 < p <= 1.0, "in (0, 1]")
@@ -157,7 +162,7 @@ class GenerationConfig:
         if path == "beam":
             unsupported = {"logprobs": self.wants_logprobs, "json_schema": self.json_schema is not None}
         elif path == "speculative":
-            keep = {"max_new_tokens", "eos_token_id", "pad_token_id"}
+            keep = {"max_new_tokens", "eos_token_id", "pad_token_id", "prefill_chunk"}
             unsupported = {
                 f.name: getattr(self, f.name) != getattr(defaults, f.name)
                 for f in dataclasses.fields(self)

@@ -89,7 +89,7 @@ def speculative_generate(
 
     stats = SpeculativeStats()
     target_cache, draft_cache = full_length_cache(target, T + n_new), full_length_cache(draft, T + n_new)
-    first = int(prefill(target, input_ids, target_cache)[0].argmax(-1))
+    first = int(prefill(target, input_ids, target_cache, chunk=config.prefill_chunk)[0].argmax(-1))
     stats.target_forwards += 1
     new = [first]  # generated tokens; the target cache holds every token but the last
     while len(new) < n_new and new[-1] not in eos:

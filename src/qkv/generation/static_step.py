@@ -168,11 +168,16 @@ class StaticStep:
         """A static cache with room for `needed` slots (rounded up, see `static_cache_len`)."""
         return self.model.new_cache(batch_size, static_cache_len(needed, self.model.config.context_limit), static=True)
 
-    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Write the prompt [B, T] at slots 0..T-1 (eagerly: one shape per prompt length would
-        otherwise compile a graph each); return the last position's logits [B, V]."""
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.model.decode(input_ids, cache, input_pos=positions, logits_to_keep=1)[:, -1]
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+        """Write the prompt [B, T] at slots 0..T-1, `chunk` tokens per forward (None: all at once;
+        see `qkv.generation.decode.prefill`), eagerly: one shape per prompt length would otherwise
+        compile a graph each. Return the last position's logits [B, V]."""
+        T = input_ids.shape[1]
+        for start in range(0, T, chunk or T):
+            end = min(T, start + (chunk or T))
+            positions = torch.arange(start, end, device=input_ids.device)
+            logits = self.model.decode(input_ids[:, start:end], cache, input_pos=positions, logits_to_keep=1)
+        return logits[:, -1]
 
     def step(self, token: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
         """Feed token [B] at slot `position`; return logits [B, V]."""

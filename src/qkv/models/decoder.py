@@ -7,6 +7,7 @@ configured by `ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -108,6 +109,8 @@ class DecoderLM(TransformerStack):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         logits_to_keep: int = 0,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> ModelOutput:
         """Run the model.
 
@@ -115,10 +118,14 @@ class DecoderLM(TransformerStack):
         (default: past + arange(T)); labels: [B, T] for the shifted next-token loss; cache: a
         `KVCache` updated in place; input_pos: [T] slots to write when the cache is static;
         logits_to_keep: if > 0, compute logits for the last positions only.
+        attention_rows / attention_layers (with output_attentions=True): the weights of those query
+        positions alone, from beside the fast backend, and of those layers alone (None for the others);
+        see `TransformerStack.run`.
         """
         out = self.run(
-            input_ids, attention_mask, position_ids, cache, input_pos, output_attentions, output_hidden_states
-        )
+            input_ids, attention_mask, position_ids, cache, input_pos, output_attentions, output_hidden_states,
+            attention_rows=attention_rows, attention_layers=attention_layers,
+        )  # fmt: skip
         x = out.last_hidden_state
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = next_token_loss(logits, labels) if labels is not None else None

@@ -7,6 +7,7 @@ data: token types, position offset and padding-skipping positions, embedding siz
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,15 +44,21 @@ class Encoder(TransformerStack):
         labels: torch.Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> ModelOutput:
         """input_ids, attention_mask (1 = token, 0 = padding), token_type_ids: [B, T].
 
         labels: [B, T] token ids (mlm, -100 = not predicted), [B] classes (classification),
         [B, T] labels (token_classification, -100 ignored), [B, T] 0/1 replaced (rtd).
+        attention_rows / attention_layers (with output_attentions=True): the weights of those query
+        positions alone, from beside the fast backend, and of those layers alone (None for the others);
+        see `TransformerStack.run`.
         """
         out = self.run(
             input_ids, attention_mask, position_ids, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, token_type_ids=token_type_ids,
+            attention_rows=attention_rows, attention_layers=attention_layers,
         )  # fmt: skip
         x = out.last_hidden_state
         pooled = self.pooler(x) if self.pooler is not None else None

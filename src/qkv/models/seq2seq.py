@@ -8,6 +8,7 @@ T5's rescaled tied head and BART's final logits bias.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -81,11 +82,15 @@ class EncoderDecoder(nn.Module):
         cache: KVCache | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> StackOutput:
-        """Run the encoder over input_ids [B, S]; with a cache, keep the output for cross-attention."""
+        """Run the encoder over input_ids [B, S]; with a cache, keep the output for cross-attention.
+        attention_rows / attention_layers: as in `TransformerStack.run`, over the source."""
         out = self.encoder.run(
-            input_ids, attention_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
+            input_ids, attention_mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            attention_rows=attention_rows, attention_layers=attention_layers,
+        )  # fmt: skip
         if cache is not None:
             padded = attention_mask is not None and not bool(attention_mask.all())
             cache.set_context(out.last_hidden_state, attention_mask if padded else None)
@@ -122,10 +127,15 @@ class EncoderDecoder(nn.Module):
         encoder_output: StackOutput | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> ModelOutput:
         """input_ids/attention_mask: the source [B, S]; decoder_input_ids [B, T] (default: labels
         shifted right after decoder_start_token_id); labels [B, T] (-100 ignored) give the
-        (label-smoothed) cross-entropy. encoder_output reuses an earlier `encode`."""
+        (label-smoothed) cross-entropy. encoder_output reuses an earlier `encode`.
+        attention_rows / attention_layers (with output_attentions=True; see `TransformerStack.run`)
+        apply to each stack against its own length and layers: rows are source positions for
+        encoder_attentions and target positions for attentions and cross_attentions."""
         cfg = self.config
         if decoder_input_ids is None:
             if labels is None:
@@ -135,7 +145,10 @@ class EncoderDecoder(nn.Module):
         if encoder_output is None:
             if input_ids is None:
                 raise UsageError("give input_ids (the source) or encoder_output from encode()")
-            encoder_output = self.encode(input_ids, attention_mask, None, output_attentions, output_hidden_states)
+            encoder_output = self.encode(
+                input_ids, attention_mask, None, output_attentions, output_hidden_states,
+                attention_rows=attention_rows, attention_layers=attention_layers,
+            )  # fmt: skip
         enc = encoder_output.last_hidden_state
         if enc.shape[0] != decoder_input_ids.shape[0]:
             raise UsageError(
@@ -145,6 +158,7 @@ class EncoderDecoder(nn.Module):
         out = self.decoder.run(
             decoder_input_ids, decoder_attention_mask, output_attentions=output_attentions,
             output_hidden_states=output_hidden_states, context=enc, context_mask=attention_mask,
+            attention_rows=attention_rows, attention_layers=attention_layers,
         )  # fmt: skip
         logits = self._logits(out.last_hidden_state)
         loss = None

@@ -14,6 +14,7 @@ pass (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qkv.cache import KVCache
 from qkv.config import ModelConfig
+from qkv.errors import UsageError
 from qkv.nn.attention import AttentionInputs
 from qkv.nn.block import Block
 from qkv.nn.embedding import Embeddings, PatchEmbedding
@@ -72,14 +74,35 @@ def check_input_ids(input_ids: torch.Tensor, cfg: ModelConfig) -> None:
         )
 
 
+def resolve_indices(values: int | Sequence[int] | torch.Tensor, n: int, name: str, what: str) -> list[int]:
+    """`values` (an int or a sequence of ints; negative counts from the end, as in Python) as
+    indices in [0, n); a UsageError naming the valid range for any outside [-n, n)."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.dim() > 1:
+            raise UsageError(f"{name} must be integers (one index or a 1-D list), got a tensor of {values.dtype}")
+        values = values.tolist()
+    items = [values] if isinstance(values, int) else list(values)
+    if not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise UsageError(f"{name} must be a non-empty list of integers (negative counts from the end), got {values!r}")
+    bad = [v for v in items if not -n <= v < n]
+    if bad:
+        raise UsageError(
+            f"{name} {bad} out of range: this forward has {n} {what}, so valid indices are "
+            f"{-n}..{n - 1} (negative counts from the end)"
+        )
+    return [v % n for v in items]
+
+
 @dataclass
 class StackOutput:
     """The final hidden states [B, T, D] and, on request, every layer's input and attention weights."""
 
     last_hidden_state: torch.Tensor
     hidden_states: tuple[torch.Tensor, ...] | None = None  # n_layers + 1 tensors [B, T, D]
-    attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S]
-    cross_attentions: tuple[torch.Tensor, ...] | None = None  # n_layers tensors [B, H, T, S_context]
+    # n_layers entries [B, H, T, S] ([B, H, R, S] for R attention_rows; None for a layer left out
+    # of attention_layers)
+    attentions: tuple[torch.Tensor | None, ...] | None = None
+    cross_attentions: tuple[torch.Tensor | None, ...] | None = None  # the same, over the context: [.., S_context]
 
 
 class TransformerStack(nn.Module):
@@ -179,6 +202,8 @@ class TransformerStack(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | torch.Tensor | None = None,
     ) -> StackOutput:
         """Run the stack over input_ids [B, T].
 
@@ -187,10 +212,14 @@ class TransformerStack(nn.Module):
         static cache, or [B, T] to give each row its own slots (a slot cache, `qkv.serve`);
         token_type_ids: [B, T] segment ids (BERT); context [B, S, D] and context_mask [B, S]: what
         cross-attention reads (default: the cache's, see `KVCache.set_context`); inputs_embeds
-        [B, T, D]: inputs embedded already (ViT's patches), in place of input_ids. Inside a
-        compiled graph the checks
-        that read tensor values are skipped (they would break the graph); the eager prefill before it
-        has checked the prompt.
+        [B, T, D]: inputs embedded already (ViT's patches), in place of input_ids.
+        output_attentions returns every layer's weights [B, H, T, S] from the eager backend;
+        attention_rows (query positions of this call, negative from the end) keeps the fast backend
+        and returns the weights [B, H, R, S] of those rows alone, in O(R x S) memory;
+        attention_layers (negative from the end) returns weights for those layers and None for the
+        others. Both need output_attentions=True. Inside a compiled graph the checks that read
+        tensor values are skipped (they would break the graph); the eager prefill before it has
+        checked the prompt.
         """
         if inputs_embeds is None and not torch.compiler.is_compiling():
             self._check(input_ids, attention_mask, cache, token_type_ids)
@@ -207,6 +236,8 @@ class TransformerStack(nn.Module):
             position_ids = q_slots.expand(B, T)
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, position_ids, token_type_ids)
         inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
+        if attention_rows is not None or attention_layers is not None:
+            self._select_weights(inputs, T, device, attention_rows, attention_layers)
         position_bias = None
         if cfg.position == "alibi":
             position_bias = alibi_bias(self.alibi_slopes, q_slots, k_slots)
@@ -243,8 +274,7 @@ class TransformerStack(nn.Module):
                 x, weights, cross_weights = block(x, inputs, context)
             if output_attentions:
                 attentions.append(weights)
-                if cross_weights is not None:
-                    cross_attentions.append(cross_weights)
+                cross_attentions.append(cross_weights)
         if cache is not None and not static:
             cache.advance(T)
         if not cfg.norm_pooled_only:
@@ -257,6 +287,26 @@ class TransformerStack(nn.Module):
             attentions=tuple(attentions) if output_attentions else None,
             cross_attentions=tuple(cross_attentions) if output_attentions and self.cross_attention else None,
         )
+
+    def _select_weights(
+        self,
+        inputs: AttentionInputs,
+        T: int,
+        device: torch.device,
+        rows: int | Sequence[int] | torch.Tensor | None,
+        layers: int | Sequence[int] | torch.Tensor | None,
+    ) -> None:
+        """Set which query rows and which layers return attention weights (see `run`)."""
+        if not inputs.need_weights:
+            raise UsageError(
+                "attention_rows and attention_layers choose which attention weights to return; "
+                "pass output_attentions=True with them"
+            )
+        if rows is not None:
+            rows = resolve_indices(rows, T, "attention_rows", "query positions")
+            inputs.weight_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        if layers is not None:
+            inputs.weight_layers = frozenset(resolve_indices(layers, len(self.blocks), "attention_layers", "layers"))
 
     @staticmethod
     def _context(

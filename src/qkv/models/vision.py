@@ -10,6 +10,7 @@ compared by cosine similarity scaled by a learned temperature (`logit_scale`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +47,17 @@ class VisionTransformer(TransformerStack):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> ModelOutput:
         """pixel_values: [B, C, H, W] normalised as the model was trained (`qkv.vision`); another
-        image size needs interpolate_pos_encoding=True. labels: [B] classes."""
+        image size needs interpolate_pos_encoding=True. labels: [B] classes. attention_rows (over
+        [CLS] + patches) / attention_layers: as in `TransformerStack.run`."""
         x = self.embed(pixel_values, interpolate_pos_encoding)
         out = self.run(
-            None, inputs_embeds=x, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
+            None, inputs_embeds=x, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            attention_rows=attention_rows, attention_layers=attention_layers,
+        )  # fmt: skip
         h = out.last_hidden_state
         if self.config.norm_pooled_only:  # CLIP: the final norm reads the [CLS] token alone
             pooled = self.norm(h[:, 0])

@@ -2,7 +2,8 @@
 
 Backends are plain functions chosen by name. `sdpa` is PyTorch's fused kernel (memory-efficient,
 the default); `eager` is the explicit softmax(QK^T * scale + bias) V of Vaswani et al. 2017 §3.2.1
-and the one that can return the attention weights.
+and the one that returns the full attention weights. `attention_weights` computes the weights of
+chosen query rows beside any backend, in O(rows x keys) memory (`weight_rows`).
 """
 
 from __future__ import annotations
@@ -26,20 +27,54 @@ if TYPE_CHECKING:
 
 
 def _eager(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_weights: bool):
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:  # GQA: each kv head serves n_rep query heads
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, S)
-    if mask.bias is not None:
-        scores = scores + mask.bias
-    if mask.is_causal:
-        T, S = scores.shape[-2:]
-        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    weights = scores.softmax(dim=-1).to(q.dtype)
+    weights = attention_weights(q, k, mask, scale)  # (B, H, T, S)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # GQA: each kv head serves n_rep query heads
+        v = v.repeat_interleave(n_rep, dim=1)
     return weights @ v, (weights if need_weights else None)
+
+
+# How many float32 scores `attention_weights` holds at a time when rows are chosen (16M: 64 MB).
+WEIGHTS_CHUNK = 1 << 24
+
+
+def attention_weights(
+    q: torch.Tensor, k: torch.Tensor, mask: AttentionMask, scale: float, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) in q's dtype: [B, H, T, S], or [B, H, R, S] for the query rows
+    `rows` [R] (indices into T, >= 0) alone: the eager backend's weights, row for row.
+
+    q: [B, H, T, hd], k: [B, KV, S, hd]. Query head h reads kv head h // (H / KV) (GQA), as
+    `repeat_interleave` would give, without copying K. With rows, the scores are computed a chunk
+    of rows at a time (at most `WEIGHTS_CHUNK` float32 scores), so memory is O(R x S), never O(T x S).
+    """
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if rows is None:
+        return _weight_rows(q, k, mask, scale, torch.arange(T, device=q.device), all_rows=True)
+    out = torch.empty(B, H, rows.numel(), S, dtype=q.dtype, device=q.device)
+    chunk = max(1, WEIGHTS_CHUNK // (B * H * S))
+    for start in range(0, rows.numel(), chunk):
+        out[:, :, start : start + chunk] = _weight_rows(q, k, mask, scale, rows[start : start + chunk])
+    return out
+
+
+def _weight_rows(q, k, mask: AttentionMask, scale: float, rows: torch.Tensor, all_rows: bool = False):
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    R = rows.numel()
+    qr = q if all_rows else q[:, :, rows]  # (B, H, R, hd)
+    # The H / KV query heads of one kv head as one matrix: (B, KV, H/KV * R, hd) @ (B, KV, hd, S).
+    scores = (qr.reshape(B, KV, H // KV * R, hd) @ k.transpose(-2, -1)).view(B, H, R, S).float() * scale
+    if mask.bias is not None:
+        bias = mask.bias  # (B|1, H|1, T|1, S)
+        scores = scores + (bias if all_rows or bias.shape[-2] == 1 else bias[:, :, rows])
+    if mask.is_causal:  # the T queries are the last T of the S keys
+        allowed = torch.arange(S, device=q.device)[None, :] <= (rows + (S - T))[:, None]  # (R, S)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1).to(q.dtype)
 
 
 # From this many sequences on, a decode step's attention runs in `qkv/kernels/attention.c`: it skips
@@ -105,10 +140,13 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     backend: str = "sdpa",
     need_weights: bool = False,
+    weight_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over q: [B, H, T, hd], k/v: [B, KV, S, hd] (KV divides H) -> ([B, H, T, hd], weights).
 
-    `need_weights=True` always uses the eager backend and returns weights [B, H, T, S].
+    `need_weights=True` uses the eager backend and returns weights [B, H, T, S]; with
+    `weight_rows` [R] (query indices in [0, T)) the output comes from `backend` as usual and the
+    weights [B, H, R, S] of those rows alone are computed beside it (`attention_weights`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -120,8 +158,19 @@ def scaled_dot_product_attention(
             "build the mask with build_attention_mask, which aligns the queries to the last keys"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = mask or AttentionMask(None)
+    if need_weights and weight_rows is not None:
+        T = q.shape[2]
+        if weight_rows.dim() != 1 or weight_rows.numel() == 0 or weight_rows.is_floating_point():
+            raise ValueError(
+                f"weight_rows must be a non-empty 1-D integer tensor, got shape {tuple(weight_rows.shape)}"
+            )
+        if int(weight_rows.min()) < 0 or int(weight_rows.max()) >= T:
+            raise ValueError(f"weight_rows {weight_rows.tolist()} must lie in [0, {T}) for {T} queries")
+        out, _ = BACKENDS[backend](q, k, v, mask, scale, dropout_p, False)
+        return out, attention_weights(q, k, mask, scale, weight_rows)
     fn = BACKENDS["eager" if need_weights else backend]
-    return fn(q, k, v, mask or AttentionMask(None), scale, dropout_p, need_weights)
+    return fn(q, k, v, mask, scale, dropout_p, need_weights)
 
 
 @dataclass
@@ -133,6 +182,12 @@ class AttentionInputs:
     cache: KVCache | None = None
     input_pos: torch.Tensor | None = None  # [T] slots a static cache writes (see KVCache.slots)
     need_weights: bool = False
+    weight_rows: torch.Tensor | None = None  # [R] query rows in [0, T) whose weights alone are returned
+    weight_layers: frozenset[int] | None = None  # layer indices that return weights (None: all)
+
+    def wants_weights(self, layer_idx: int) -> bool:
+        """Whether the layer `layer_idx` returns attention weights in this forward."""
+        return self.need_weights and (self.weight_layers is None or layer_idx in self.weight_layers)
 
     def mask(self, kind: str) -> AttentionMask:
         """The mask for layers of `kind` ("full", "sliding", "cross"); an error when none was built."""
@@ -204,7 +259,7 @@ class Attention(nn.Module):
         mask = inputs.mask("cross" if self.cross else self.kind)
         out, weights = scaled_dot_product_attention(
             q, k, v, mask, scale=self.scale, dropout_p=self.attn_dropout if self.training else 0.0,
-            backend=self.backend, need_weights=inputs.need_weights,
+            backend=self.backend, need_weights=inputs.wants_weights(self.layer_idx), weight_rows=inputs.weight_rows,
         )  # fmt: skip
         B, _, T, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, q_dim)), weights

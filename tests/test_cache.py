@@ -237,3 +237,33 @@ def test_per_row_query_slots_need_a_static_mask():
 
     with pytest.raises(ValueError, match="static=True"):
         build_attention_mask(torch.zeros(2, 1, dtype=torch.long), torch.arange(4), causal=True)
+
+
+@pytest.mark.parametrize("window, new", [(64, 2048), pytest.param(4096, 32768, marks=pytest.mark.slow)])
+def test_a_sliding_window_keeps_its_ring_over_a_long_generation(window, new):
+    """The cache's buffers keep `window` slots per layer (the same storage, never regrown) however
+    long the generation runs, and the last logits still equal a fresh forward over the window.
+
+    One layer, so the last token's output depends on the last `window` tokens only."""
+    from qkv.generation.decode import decode_one_token, start_decoding
+
+    model = tiny_model(
+        "tiny-mistral", d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, n_layers=1, sliding_window=window,
+        max_seq_len=new + 64,
+    )  # fmt: skip
+    prompt = random_ids(512, 1, 16, seed=0)
+    cache, logits, _, _ = start_decoding(model, prompt, new)
+    buffers = [(t.data_ptr(), tuple(t.shape)) for t in cache.k + cache.v]
+    assert all(shape == (1, 1, window, 16) for _, shape in buffers)
+    tokens = [prompt[0]]
+    with torch.no_grad():
+        for _ in range(new - 1):
+            token = logits.argmax(-1)
+            tokens.append(token)
+            logits = decode_one_token(model, token, cache)
+        assert [(t.data_ptr(), tuple(t.shape)) for t in cache.k + cache.v] == buffers
+        total = 16 + new - 1
+        assert cache.pos == total and sorted(cache.ring_slots.tolist()) == list(range(total - window, total))
+        ids = torch.cat(tokens)[-window:][None]
+        ref = model(ids, position_ids=torch.arange(total - window, total)[None]).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)

@@ -120,6 +120,10 @@ BAD = {
     "beams are not compiled": (["--num-beams", "2", "--compile"], "--compile"),
     "length penalty without beams": (["--length-penalty", "2"], "length_penalty only apply to beam search"),
     "repetition penalty 0": (["--repetition-penalty", "0"], "--repetition-penalty"),
+    "prefill chunk 0": (["--prefill-chunk", "0"], "--prefill-chunk"),
+    "unknown rope scaling": (["--rope-scaling", "ntk:2"], "--rope-scaling"),
+    "rope scaling factor < 1": (["--rope-scaling", "linear:0.5"], "--rope-scaling"),
+    "rope scaling on a model without RoPE": (["--rope-scaling", "yarn:2"], "not RoPE"),
 }
 
 
@@ -199,3 +203,31 @@ def test_seq2seq_text_layer_sampling_stop_strings_and_logprobs(t5_checkpoint):
     stop = done.text[2:4]
     cut = complete(model, tok, PROMPT, max_new_tokens=8, eos_token_id=[], stop=[stop])
     assert cut.finish_reason == "stop" and cut.text == done.text[: done.text.index(stop)]
+
+
+@pytest.fixture(scope="module")
+def rope_checkpoint(tmp_path_factory):
+    """A tiny random LLaMA (RoPE) trained on 32 positions, with the BPE of `checkpoint`."""
+    from qkv.checkpoints.native import save_native
+    from tiny_models import tiny_model
+
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("rope") / "gpt2", CORPUS, 64)
+    tok = load(path).tokenizer
+    model = tiny_model("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=32)
+    model.tokenizer = tok
+    save_native(model, path.parent / "llama")
+    return path.parent / "llama"
+
+
+def test_rope_scaling_runs_past_the_trained_context(rope_checkpoint, capsys):
+    from qkv.generation import scale_rope
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3  # 36 tokens, past the 32 trained
+    code, _, err = qkv(capsys, "generate", rope_checkpoint, "--prompt", prompt, "-n", 8)
+    assert code == 2 and "leaves no room in the model's context of 32" in err
+    model = scale_rope(load(rope_checkpoint), "yarn:3")
+    ref = complete(model, model.tokenizer, prompt, max_new_tokens=8)
+    out = qkv(capsys, "generate", rope_checkpoint, "--prompt", prompt, "-n", 8, "--rope-scaling", "yarn:3", "--json")
+    assert out[0] == 0 and json.loads(out[1])["token_ids"] == ref.token_ids
+    code, _, err = qkv(capsys, "generate", rope_checkpoint, "--prompt", prompt * 3, "-n", 8, "--rope-scaling", "yarn:2")
+    assert code == 2 and "context of 64 (32 trained, x2.0 by yarn RoPE scaling)" in err

@@ -39,3 +39,13 @@ def test_needs_a_decoder_lm():
     _, model = shared_pair("gpt2-untied-ninner")
     with pytest.raises(ValueError, match="top_k"):
         logit_lens(model, torch.tensor([[3, 4]]), top_k=0)
+
+
+def test_last_positions_are_the_tail_of_the_full_lens():
+    _, model = shared_pair("llama-gqa-6-2")
+    ids = random_ids(97, 1, 10, seed=3)
+    full, tail = logit_lens(model, ids, top_k=3), logit_lens(model, ids, top_k=3, last_positions=4)
+    assert torch.equal(tail.token_ids, full.token_ids[:, :, -4:])
+    assert torch.allclose(tail.probs, full.probs[:, :, -4:], atol=1e-6)
+    with pytest.raises(ValueError, match="last_positions"):
+        logit_lens(model, ids, last_positions=11)

@@ -20,8 +20,11 @@ class LogitLens:
 
 
 @torch.no_grad()
-def logit_lens(model: torch.nn.Module, input_ids: torch.Tensor, top_k: int = 5) -> LogitLens:
-    """Top-k predictions of every layer of a decoder for input_ids [B, T].
+def logit_lens(
+    model: torch.nn.Module, input_ids: torch.Tensor, top_k: int = 5, last_positions: int | None = None
+) -> LogitLens:
+    """Top-k predictions of every layer of a decoder for input_ids [B, T] (for the last
+    `last_positions` positions only when given: [B, L, last_positions, k]).
 
     One layer at a time, so the memory is one [B, T, V] of logits, not L of them.
     """
@@ -33,9 +36,13 @@ def logit_lens(model: torch.nn.Module, input_ids: torch.Tensor, top_k: int = 5) 
         )
     if not 1 <= top_k <= model.config.vocab_size:
         raise UsageError(f"top_k must be in 1..{model.config.vocab_size} (the vocabulary), got {top_k}")
+    T = input_ids.shape[-1]
+    if last_positions is not None and not 1 <= last_positions <= T:
+        raise UsageError(f"last_positions must be in 1..{T} (the prompt's length), got {last_positions}")
+    keep = T if last_positions is None else last_positions
     hidden = model(input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states
     # hidden[l] is the input of block l; hidden[L] the last block's output, already through the final norm.
-    outputs = [model.norm(h) for h in hidden[1:-1]] + [hidden[-1]]
+    outputs = [model.norm(h[:, T - keep :]) for h in hidden[1:-1]] + [hidden[-1][:, T - keep :]]
     ids, probs = [], []
     for h in outputs:
         p, i = model.lm_head(h).float().softmax(-1).topk(top_k, dim=-1)

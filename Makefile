@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # The CPU build of torch that lies on this disk; installing it first keeps pip from pulling a CUDA build.
 TORCH   ?= torch==2.13.0
 
-.PHONY: all venv demo serve test test-all lint format clean bench
+.PHONY: all venv chromium demo serve test test-all lint format clean bench
 
 all: test
 
@@ -30,10 +30,22 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/qkv serve smollm2-135m-instruct $(ARGS)
 
-test: $(STAMP)
+# The attention explorer's browser tests drive the system Chromium (Debian's package; Playwright,
+# in the dev extra, downloads no browser). Installed where the machine allows (root with apt-get);
+# elsewhere those tests skip and say why. Nothing happens once it is there.
+CHROMIUM ?= /usr/bin/chromium
+
+chromium:
+	@if [ ! -x "$(CHROMIUM)" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the browser tests"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+			|| echo "chromium could not be installed: the browser tests will skip"; \
+	fi
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m ""
 
 lint: $(STAMP)

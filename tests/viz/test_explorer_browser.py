@@ -160,3 +160,31 @@ def test_screenshot(decoder, tmp_path):
         assert img.format == "PNG" and img.size[0] == 1280 and img.size[1] >= 600
     assert path.stat().st_size > 20_000
     assert page.errors == []  # nothing went wrong through all the clicking and hovering
+
+
+@pytest.mark.slow
+@pytest.mark.real
+def test_smollm2_screenshot_for_the_readme(browser, tmp_path):
+    """The README's picture: SmolLM2-135M-Instruct on a prompt that repeats itself, head 17.5 (an
+    induction head: the second " of" looks at what followed the first, " France") and the hovered
+    " of". `QKV_WRITE_DOCS=1 pytest -m slow -k readme tests/viz` writes docs/attention_explorer.png."""
+    import qkv
+
+    model = qkv.load("smollm2-135m-instruct").eval()
+    tok = model.tokenizer
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    ids = torch.tensor([tok.encode(prompt)])
+    tokens = [tok.decode([i]) for i in ids[0].tolist()]
+    write_attention_explorer(model, tmp_path / "smollm2.html", ids, tokens, decode=lambda i: tok.decode([i]),
+                             title=f"SmolLM2-135M-Instruct: {prompt!r}")  # fmt: skip
+    page = open_page(browser, tmp_path / "smollm2.html")
+    page.click("#grid-entropy .hc[data-layer='17'][data-head='5']")
+    page.hover("#strips .tok[data-pos='9']")  # the second " of"
+    to = dom_values(page, "#strips .tok", "to")
+    weights = attention_maps(model, ids).double().numpy()
+    assert np.abs(to - weights[17, 5, 9]).max() <= TOLERANCE
+    assert tokens[int(to.argmax())] == " France"
+    out = Path("docs/attention_explorer.png") if os.environ.get("QKV_WRITE_DOCS") == "1" else tmp_path / "shot.png"
+    page.screenshot(path=str(out), full_page=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and page.errors == []
+    page.context.close()

@@ -95,3 +95,5 @@ def test_encoder_decoder_html_has_three_views(tmp_path, capsys):
     assert "head 1.3 (cross attention) zeroed: loss" in out
     html = (tmp_path / "s.html").read_text(encoding="utf-8")
     assert all(f'"name":"{name}"' in html for name in ("cross", "self", "encoder"))
+    assert main([*argv, "--rows", "1"]) == 2
+    assert "an encoder-decoder's page holds every row" in capsys.readouterr().err

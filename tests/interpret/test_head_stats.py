@@ -47,8 +47,19 @@ def test_model_weights_and_a_subset_of_rows():
     assert head_statistics(weights, with_distance=False).distance is None
 
 
+def test_distance_on_a_grid():
+    """Four patches on a 2 x 2 grid, each looking at the one diagonally across: sqrt(2) patches away."""
+    across = torch.tensor([3, 2, 1, 0])
+    weights = torch.nn.functional.one_hot(across, 4).double()[None, None]
+    grid = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    assert head_statistics(weights, coords=grid).distance.item() == pytest.approx(math.sqrt(2))
+    assert head_statistics(weights).distance.item() == pytest.approx((3 + 1 + 1 + 3) / 4)  # in sequence indices
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match="layers, heads, rows, keys"):
         head_statistics(torch.ones(3, 3))
     with pytest.raises(ValueError, match="one position per row"):
         head_statistics(torch.ones(1, 1, 2, 4) / 4, query_positions=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="coords"):
+        head_statistics(torch.ones(1, 1, 2, 4) / 4, coords=torch.zeros(3, 2))

@@ -122,9 +122,28 @@ def test_vit_page_embeds_the_image(tmp_path):
     with Image.open(__import__("io").BytesIO(png)) as img:
         assert img.size == (16, 16)
     ref = attention_maps(model, pixels)
-    assert np.abs(page_weights(data["views"][0]) - ref.double().numpy()).max() <= STEP / 2 + 1e-6
+    view = data["views"][0]
+    assert np.abs(page_weights(view) - ref.double().numpy()).max() <= STEP / 2 + 1e-6
+    # mean distance between patches on the 4 x 4 grid, from their attention among themselves
+    patches = ref[:, :, 1:, 1:].double()
+    patches = patches / patches.sum(-1, keepdim=True)
+    rc = [(k // 4, k % 4) for k in range(16)]
+    gap = torch.tensor([[((a - c) ** 2 + (b - d) ** 2) ** 0.5 for c, d in rc] for a, b in rc], dtype=torch.float64)
+    assert view["distance_unit"] == "patches"
+    assert np.allclose(view["distance"], (patches * gap).sum(-1).mean(-1).numpy(), atol=5e-3)
     with pytest.raises(ValueError, match="image"):
         write_attention_explorer(model, tmp_path / "v.html", pixels, [])
+
+
+def test_encoder_page_has_no_lens(tmp_path):
+    from tiny_models import tiny_encoder_with_tokenizer
+
+    model = tiny_encoder_with_tokenizer()
+    ids = torch.tensor([model.tokenizer.encode("def main(): pass")])
+    page = write_attention_explorer(model, tmp_path / "e.html", ids, ["x"] * ids.shape[1], decode=str)
+    data = page_data(page.path)
+    assert data["lens"] is None and data["views"][0]["rollout"] is not None
+    assert np.abs(page_weights(data["views"][0]) - attention_maps(model, ids).double().numpy()).max() <= STEP / 2 + 1e-6
 
 
 def test_unwritable_paths_are_refused(tmp_path):
@@ -139,6 +158,17 @@ def test_unwritable_paths_are_refused(tmp_path):
         with pytest.raises(ValueError, match=match):
             check_output_path(bad)
     assert check_output_path(tmp_path / "new" / "deeper" / "p.html").name == "p.html"
+
+
+def test_clip_needs_its_vision_tower(tmp_path):
+    from qkv.config import ModelConfig
+    from qkv.models.vision import CLIP, CLIPConfig
+
+    text = ModelConfig(family="encoder", vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16)
+    vision = ModelConfig(family="vit", vocab_size=None, d_model=32, n_layers=1, n_heads=4, image_size=16, patch_size=4)
+    model = CLIP(CLIPConfig(text=text, vision=vision, projection_dim=8)).eval()
+    with pytest.raises(ValueError, match="vision tower"):
+        write_attention_explorer(model, tmp_path / "c.html", torch.tensor([[3, 4]]), ["a", "b"])
 
 
 def test_rows_out_of_range(model, tmp_path):

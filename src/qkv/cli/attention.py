@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     model = load(args.model).eval()
     if args.image is not None:
         return _image_attention(model, args, png, html, heads)
+    if getattr(model, "vision", None) is not None:
+        raise UsageError(f"{args.model} is a CLIP model: its attention is drawn over an image; give --image")
     tok = model.tokenizer
     if tok is None:
         raise UsageError(f"{args.model} carries no tokenizer, so the prompt cannot be encoded")
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("this is an encoder-decoder model: give the decoder's text with --target")
     if not seq2seq and (args.target is not None or args.kind is not None):
         raise UsageError("--target and --kind apply to encoder-decoder models only")
+    if seq2seq and args.rows:
+        raise UsageError("--rows keeps rows of a long prompt on a decoder's or encoder's page; an encoder-decoder's "
+                         "page holds every row")  # fmt: skip
     source = torch.tensor([_ids(tok, args.prompt, "--prompt")])
     target = None
     if seq2seq:

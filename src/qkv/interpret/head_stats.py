@@ -25,12 +25,17 @@ class HeadStatistics:
 
 
 def head_statistics(
-    weights: torch.Tensor, query_positions: torch.Tensor | None = None, with_distance: bool = True
+    weights: torch.Tensor,
+    query_positions: torch.Tensor | None = None,
+    with_distance: bool = True,
+    coords: torch.Tensor | None = None,
 ) -> HeadStatistics:
     """Per-head statistics of attention weights [L, H, R, S] (R query rows over S keys).
 
     query_positions: [R] the key index of each row (default: the rows are the last R positions,
-    which is all of them for a full self-attention map); with_distance=False for cross-attention.
+    which is all of them for a full self-attention map); with_distance=False for cross-attention;
+    coords: [S, d] where each key sits, for the distance (default: its index, so the distance is in
+    tokens; a ViT's patches: their (row, column) on the patch grid).
     """
     if weights.dim() != 4:
         raise UsageError(f"head_statistics takes weights [layers, heads, rows, keys], got {tuple(weights.shape)}")
@@ -43,6 +48,9 @@ def head_statistics(
         query_positions = torch.arange(S - R, S)
     if query_positions.shape != (R,):
         raise UsageError(f"query_positions must hold one position per row ({R}), got {tuple(query_positions.shape)}")
-    gap = (query_positions.double()[:, None] - torch.arange(S, dtype=torch.float64)[None, :]).abs()  # [R, S]
+    coords = torch.arange(S, dtype=torch.float64)[:, None] if coords is None else coords.double()
+    if coords.dim() != 2 or coords.shape[0] != S:
+        raise UsageError(f"coords must be [keys, dims] = [{S}, d], got {tuple(coords.shape)}")
+    gap = torch.cdist(coords[query_positions], coords)  # [R, S], Euclidean (|i - j| for token indices)
     distance = (w * gap).sum(-1).mean(-1)
     return HeadStatistics(entropy.float(), distance.float())

@@ -90,9 +90,21 @@ def _view(
     keys: str,
     layers: list[int],
     rollout: torch.Tensor | None,
+    patch_grid: tuple[int, int] | None = None,
 ) -> dict:
-    """One kind of attention for the page; weights [L, H, R, S] for the query positions `rows`."""
+    """One kind of attention for the page; weights [L, H, R, S] for the query positions `rows`.
+
+    A ViT (patch_grid given) has its mean distance measured between patches on their grid, from the
+    patches' attention among themselves (the [CLS] row and column left out, rows renormalised).
+    """
     stats = head_statistics(weights, torch.tensor(rows), with_distance=queries == keys)
+    distance = stats.distance
+    if patch_grid is not None:
+        gh, gw = patch_grid
+        among_patches = weights[:, :, 1:, 1:]
+        among_patches = among_patches / among_patches.sum(-1, keepdim=True).clamp_min(1e-12)
+        grid = torch.cartesian_prod(torch.arange(gh), torch.arange(gw))  # [N, 2] (row, column)
+        distance = head_statistics(among_patches, coords=grid).distance
     return {
         "name": name,
         "label": label,
@@ -105,7 +117,8 @@ def _view(
         "weights": _b64_weights(weights),
         "rollout": _b64_weights(rollout[rows]) if rollout is not None else None,
         "entropy": [[round(v, 3) for v in r] for r in stats.entropy.tolist()],
-        "distance": None if stats.distance is None else [[round(v, 2) for v in r] for r in stats.distance.tolist()],
+        "distance": None if distance is None else [[round(v, 2) for v in r] for r in distance.tolist()],
+        "distance_unit": "patches" if patch_grid is not None else "tokens",
     }
 
 
@@ -167,8 +180,9 @@ def _single_stack_view(
     rows = _page_rows(T, n_heads * len(picked) * T, chosen)
     if note := _rows_note(len(rows), T):
         notes.append(note)
+    grid = (inputs.shape[2] // model.config.patch_size, inputs.shape[3] // model.config.patch_size) if vit else None
     return _view("self", "self-attention", full[picked][:, :, rows], rows, "input", "input", picked,
-                 attention_rollout(full))  # fmt: skip
+                 attention_rollout(full), grid)  # fmt: skip
 
 
 def _seq2seq_views(
@@ -237,8 +251,15 @@ def write_attention_explorer(
     if getattr(model, "is_encoder_decoder", False):
         if target_ids is None or target_tokens is None:
             raise UsageError("an encoder-decoder's explorer needs the decoder's tokens: give target_ids and labels")
+        if rows:
+            raise UsageError("rows keep some rows of a long single-stack prompt; an encoder-decoder's page has all")
         data["sequences"] = {"source": list(tokens), "target": list(target_tokens)}
         data["views"] = _seq2seq_views(model, input_ids, target_ids, layers, notes)
+    elif not hasattr(model, "blocks"):
+        raise UsageError(
+            f"{type(model).__name__} has no single transformer stack to explore (CLIP: pass its vision tower, "
+            "model.vision, with an image)"
+        )
     elif getattr(cfg, "family", None) == "vit":
         if image is None:
             raise UsageError("a ViT's explorer lays the patches over the image: give image [h, w, 3] in [0, 1]")

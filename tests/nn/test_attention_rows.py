@@ -129,11 +129,16 @@ def test_decoder_rows_equal_eager_rows_and_the_output_stays_the_fast_paths(decod
     assert torch.equal(part.logits, plain.logits)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
-def test_decoder_rows_after_a_cache_index_the_new_tokens(static):
-    """With 10 tokens cached, rows index the 6 new queries; the keys are all 16 (a static cache: its slots)."""
-    model = tiny_model("tiny-llama", d_model=48, n_heads=6, n_kv_heads=2)
+@pytest.mark.parametrize("kind", ["dynamic", "static", "ring"])
+def test_decoder_rows_after_a_cache_index_the_new_tokens(kind):
+    """With 10 tokens cached, rows index the 6 new queries; the keys are what the cache returns (all
+    16; a static cache's 32 slots; a sliding-window ring of 8 slots plus the 6 new)."""
+    if kind == "ring":
+        model = tiny_model("tiny-mistral", d_model=48, n_heads=6, n_kv_heads=2, sliding_window=8)
+    else:
+        model = tiny_model("tiny-llama", d_model=48, n_heads=6, n_kv_heads=2)
     ids = random_ids(model.config.vocab_size, 2, 16, seed=2)
+    static = kind == "static"
     results = []
     for rows in (None, [-1, 2]):
         cache = model.new_cache(2, 32, static=static)
@@ -143,7 +148,7 @@ def test_decoder_rows_after_a_cache_index_the_new_tokens(static):
             out = model(ids[:, 10:], cache=cache, output_attentions=True, attention_rows=rows, **pos(10, 16))
         results.append(out)
     full, part = results
-    assert full.attentions[0].shape == (2, 6, 6, 32 if static else 16)
+    assert full.attentions[0].shape == (2, 6, 6, {"dynamic": 16, "static": 32, "ring": 14}[kind])
     assert_rows_equal(full.attentions, part.attentions, [-1, 2])
     assert (part.logits - full.logits).abs().max().item() <= 1e-4
 
@@ -282,3 +287,25 @@ def test_smollm2_rows_equal_eager_rows_at_300_tokens():
     picked = [i % model.config.n_layers for i in layers]
     assert_rows_equal(tuple(full.attentions[i] for i in picked), tuple(part.attentions[i] for i in picked), rows)
     assert (part.logits - full.logits).abs().max().item() <= 1e-3
+
+
+def test_clip_rows_apply_to_each_tower():
+    from qkv.models.vision import CLIP, CLIPConfig
+
+    text = ModelConfig(family="encoder", vocab_size=99, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16,
+                       norm="layernorm", mlp="gelu", position="learned", eos_token_id=98)  # fmt: skip
+    vision = ModelConfig(family="vit", d_model=48, n_layers=3, n_heads=6, d_ff=64, image_size=20, patch_size=5,
+                         norm="layernorm", mlp="gelu", position="learned", norm_pooled_only=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(text=text, vision=vision, projection_dim=24)).eval()
+    ids = random_ids(99, 2, 9, seed=11)
+    ids[:, -1] = 98
+    pixels = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        full = model(ids, pixels, output_attentions=True)
+        part = model(ids, pixels, output_attentions=True, attention_rows=[-1, 0])
+        plain = model(ids, pixels)
+    assert_rows_equal(full.text_output.attentions, part.text_output.attentions, [-1, 0])  # causal text tower
+    assert_rows_equal(full.vision_output.attentions, part.vision_output.attentions, [-1, 0])
+    assert part.vision_output.attentions[0].shape == (2, 6, 2, 17)
+    assert torch.equal(part.logits_per_text, plain.logits_per_text)

@@ -203,10 +203,16 @@ class CLIP(nn.Module):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         interpolate_pos_encoding: bool = False,
+        attention_rows: int | Sequence[int] | torch.Tensor | None = None,
+        attention_layers: int | Sequence[int] | None = None,
     ) -> CLIPOutput:
         """Similarity logits of every image with every text; return_loss adds `clip_loss` (the i-th
-        text belongs with the i-th image); None: in training mode only (so the Trainer gets a loss)."""
-        outputs = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        text belongs with the i-th image); None: in training mode only (so the Trainer gets a loss).
+        attention_rows / attention_layers apply to each tower against its own tokens and layers."""
+        outputs = dict(
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            attention_rows=attention_rows, attention_layers=attention_layers,
+        )  # fmt: skip
         pooled_text, text_out = self.text_features(input_ids, attention_mask, **outputs)
         vision_out = self.vision(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **outputs)
         text_embeds = F.normalize(self.text_projection(pooled_text), dim=-1)

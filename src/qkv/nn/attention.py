@@ -146,7 +146,8 @@ def scaled_dot_product_attention(
 
     `need_weights=True` uses the eager backend and returns weights [B, H, T, S]; with
     `weight_rows` [R] (query indices in [0, T)) the output comes from `backend` as usual and the
-    weights [B, H, R, S] of those rows alone are computed beside it (`attention_weights`).
+    weights [B, H, R, S] of those rows alone are computed beside it (`attention_weights`; in
+    training, before attention dropout, which the output still gets).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

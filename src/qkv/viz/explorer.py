@@ -25,7 +25,7 @@ import torch
 
 from qkv.atomic import atomic_write_text
 from qkv.errors import UsageError
-from qkv.interpret import head_statistics, logit_lens
+from qkv.interpret import head_statistics, lens_of_hidden_states
 from qkv.viz.rollout import attention_rollout
 
 MAX_CELLS = 6_000_000  # uint8 weights on the page (~8 MB of base64): past it, fewer query rows are kept
@@ -152,10 +152,16 @@ def _weights_of(attentions: Sequence[torch.Tensor | None], layers: list[int], ro
 
 
 def _single_stack_view(
-    model: torch.nn.Module, inputs: torch.Tensor, layers: Sequence[int] | None, chosen: Sequence[int], notes: list[str]
-) -> dict:
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    layers: Sequence[int] | None,
+    chosen: Sequence[int],
+    notes: list[str],
+    hidden_states: bool = False,
+) -> tuple[dict, tuple[torch.Tensor, ...] | None]:
     """Self-attention of a model with one stack: a decoder or an encoder (inputs: ids [1, T]) or a
-    ViT (inputs: pixels [1, C, H, W]). Past FULL_WEIGHTS_LIMIT tokens only some rows are computed."""
+    ViT (inputs: pixels [1, C, H, W]). Past FULL_WEIGHTS_LIMIT tokens only some rows are computed.
+    Returns the view and, when asked, the same forward's hidden states (a decoder's logit lens)."""
     from qkv.models.stack import resolve_indices
 
     n_layers, n_heads = len(model.blocks), model.config.n_heads
@@ -165,24 +171,30 @@ def _single_stack_view(
     chosen = resolve_indices(chosen, T, "--rows", "tokens") if chosen and T is not None else []
     if chosen and vit:
         raise UsageError("--rows picks query rows of a text prompt; a ViT's rows are its patches, all shown")
+    # One forward for the weights and the lens; a decoder computes the last position's logits alone.
+    extra = {"output_hidden_states": True} if hidden_states else {}
+    if model.config.family == "decoder":
+        extra["logits_to_keep"] = 1
     if T is not None and T > FULL_WEIGHTS_LIMIT:
         rows = _page_rows(T, n_heads * len(picked) * T, chosen, max_rows=DEFAULT_LONG_ROWS)
-        out = model(inputs, output_attentions=True, attention_rows=rows, attention_layers=picked)
+        out = model(inputs, output_attentions=True, attention_rows=rows, attention_layers=picked, **extra)
         notes.append(
             f"a {T}-token prompt (over {FULL_WEIGHTS_LIMIT}): weights for {len(rows)} query rows, the last ones and "
             "any chosen with --rows, computed beside the fast path; no rollout (it needs every row)"
         )
-        return _view("self", "self-attention", _weights_of(out.attentions, picked, None), rows, "input", "input",
+        view = _view("self", "self-attention", _weights_of(out.attentions, picked, None), rows, "input", "input",
                      picked, None)  # fmt: skip
-    attentions = model(inputs, output_attentions=True).attentions
-    full = _weights_of(attentions, list(range(n_layers)), None)  # [L, H, T, T]
+        return view, out.hidden_states
+    out = model(inputs, output_attentions=True, **extra)
+    full = _weights_of(out.attentions, list(range(n_layers)), None)  # [L, H, T, T]
     T = full.shape[-1]
     rows = _page_rows(T, n_heads * len(picked) * T, chosen)
     if note := _rows_note(len(rows), T):
         notes.append(note)
     grid = (inputs.shape[2] // model.config.patch_size, inputs.shape[3] // model.config.patch_size) if vit else None
-    return _view("self", "self-attention", full[picked][:, :, rows], rows, "input", "input", picked,
+    view = _view("self", "self-attention", full[picked][:, :, rows], rows, "input", "input", picked,
                  attention_rollout(full), grid)  # fmt: skip
+    return view, out.hidden_states
 
 
 def _seq2seq_views(
@@ -208,11 +220,11 @@ def _seq2seq_views(
     return views
 
 
-def _lens(model: torch.nn.Module, ids: torch.Tensor, decode: Callable[[int], str], top_k: int) -> dict:
+def _lens(model: torch.nn.Module, hidden: tuple[torch.Tensor, ...], decode: Callable[[int], str], top_k: int) -> dict:
     """The logit lens table: each layer's top-k next tokens at the last LENS_POSITIONS positions."""
-    T = ids.shape[1]
+    T = hidden[0].shape[1]
     start = max(0, T - LENS_POSITIONS)
-    lens = logit_lens(model, ids, top_k=top_k, last_positions=T - start)
+    lens = lens_of_hidden_states(model, hidden, top_k=top_k, last_positions=T - start)
     token_ids, probs = lens.token_ids[0], lens.probs[0]  # [L, P, k]
     return {
         "positions": list(range(start, T)),
@@ -266,16 +278,18 @@ def write_attention_explorer(
         grid = (input_ids.shape[2] // cfg.patch_size, input_ids.shape[3] // cfg.patch_size)
         data["sequences"] = {"input": ["[CLS]"] + [f"patch {r},{c}" for r in range(grid[0]) for c in range(grid[1])]}
         data["image"] = {"src": _image_data_uri(image), "grid": list(grid)}
-        data["views"] = [_single_stack_view(model, input_ids, layers, rows, notes)]
+        data["views"] = [_single_stack_view(model, input_ids, layers, rows, notes)[0]]
     else:
         if target_ids is not None:
             raise UsageError("target_ids are an encoder-decoder's decoder tokens; this model takes input_ids alone")
         if len(tokens) != input_ids.shape[1]:
             raise UsageError(f"got {len(tokens)} token labels for {input_ids.shape[1]} tokens")
         data["sequences"] = {"input": list(tokens)}
-        data["views"] = [_single_stack_view(model, input_ids, layers, rows, notes)]
-        if decode is not None and getattr(model, "lm_head", None) is not None and cfg.family == "decoder":
-            data["lens"] = _lens(model, input_ids, decode, top_k)
+        lens = decode is not None and cfg.family == "decoder"
+        view, hidden = _single_stack_view(model, input_ids, layers, rows, notes, hidden_states=lens)
+        data["views"] = [view]
+        if lens:
+            data["lens"] = _lens(model, hidden, decode, top_k)
             if input_ids.shape[1] > LENS_POSITIONS:
                 notes.append(f"logit lens: the last {LENS_POSITIONS} of {input_ids.shape[1]} positions")
     html = render_page(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,21 @@ def test_encoder_decoder_html_has_three_views(tmp_path, capsys):
     assert all(f'"name":"{name}"' in html for name in ("cross", "self", "encoder"))
     assert main([*argv, "--rows", "1"]) == 2
     assert "an encoder-decoder's page holds every row" in capsys.readouterr().err
+
+
+def test_vit_image_page_and_ablation(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                    image_size=16, patch_size=4, num_labels=3)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(image)
+    argv = ["attention", str(tmp_path / "vit"), "--image", str(image), "--html", str(tmp_path / "v.html")]
+    assert main([*argv, "--ablate", "1.2"]) == 0
+    out = capsys.readouterr().out
+    assert "head 1.2 zeroed: logits max |change|" in out and "loss" not in out  # no loss without labels
+    html = (tmp_path / "v.html").read_text(encoding="utf-8")
+    assert '"src":"data:image/png;base64,' in html and '"grid":[4,4]' in html

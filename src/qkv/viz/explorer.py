@@ -141,7 +141,7 @@ def _rows_note(kept: int, n: int) -> str | None:
         return None
     return (
         f"weights for {kept} of {n} query rows: the last ones and any chosen with --rows "
-        f"(page cap {MAX_CELLS:,} weights)"
+        f"(page cap {MAX_CELLS:,} weights; fewer --layers leave room for more rows)"
     )
 
 
@@ -180,7 +180,8 @@ def _single_stack_view(
         out = model(inputs, output_attentions=True, attention_rows=rows, attention_layers=picked, **extra)
         notes.append(
             f"a {T}-token prompt (over {FULL_WEIGHTS_LIMIT}): weights for {len(rows)} query rows, the last ones and "
-            "any chosen with --rows, computed beside the fast path; no rollout (it needs every row)"
+            "any chosen with --rows (fewer --layers leave room for more), computed beside the fast path; no rollout "
+            "(it needs every row)"
         )
         view = _view("self", "self-attention", _weights_of(out.attentions, picked, None), rows, "input", "input",
                      picked, None)  # fmt: skip

@@ -135,6 +135,26 @@ def test_vit_page_embeds_the_image(tmp_path):
         write_attention_explorer(model, tmp_path / "v.html", pixels, [])
 
 
+def test_capped_vit_page_keeps_the_cls_row(tmp_path, monkeypatch):
+    from qkv.config import ModelConfig
+    from qkv.models import VisionTransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="vit", vocab_size=None, d_model=32, n_layers=2, n_heads=4, image_size=16, patch_size=4)
+    model = VisionTransformer(cfg).eval()
+    pixels = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(explorer_module, "MAX_CELLS", 2 * 4 * 17 * 3)  # room for 3 of the 17 rows
+    page = write_attention_explorer(model, tmp_path / "v.html", pixels, [], image=np.zeros((16, 16, 3)))
+    view = page_data(page.path)["views"][0]
+    assert view["rows"] == [0, 15, 16] and "3 of 17" in page.notes[0]
+    patches = attention_maps(model, pixels)[:, :, [15, 16], 1:].double()  # patches 14 and 15: (3, 2), (3, 3)
+    patches = patches / patches.sum(-1, keepdim=True)
+    gap = torch.tensor(
+        [[((r - a) ** 2 + (c - b) ** 2) ** 0.5 for a in range(4) for b in range(4)] for r, c in [(3, 2), (3, 3)]]
+    )
+    assert np.allclose(view["distance"], (patches * gap).sum(-1).mean(-1).numpy(), atol=5e-3)
+
+
 def test_encoder_page_has_no_lens(tmp_path):
     from tiny_models import tiny_encoder_with_tokenizer
 

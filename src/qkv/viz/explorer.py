@@ -101,10 +101,12 @@ def _view(
     distance = stats.distance
     if patch_grid is not None:
         gh, gw = patch_grid
-        among_patches = weights[:, :, 1:, 1:]
+        patch_rows = [i for i, r in enumerate(rows) if r > 0]  # position 0 is [CLS]
+        among_patches = weights[:, :, patch_rows, 1:]
         among_patches = among_patches / among_patches.sum(-1, keepdim=True).clamp_min(1e-12)
         grid = torch.cartesian_prod(torch.arange(gh), torch.arange(gw))  # [N, 2] (row, column)
-        distance = head_statistics(among_patches, coords=grid).distance
+        positions = torch.tensor([rows[i] - 1 for i in patch_rows])
+        distance = head_statistics(among_patches, positions, coords=grid).distance
     return {
         "name": name,
         "label": label,
@@ -168,9 +170,10 @@ def _single_stack_view(
     picked = _select_layers(n_layers, layers)
     vit = model.config.family == "vit"
     T = None if vit else inputs.shape[1]
-    chosen = resolve_indices(chosen, T, "--rows", "tokens") if chosen and T is not None else []
     if chosen and vit:
         raise UsageError("--rows picks query rows of a text prompt; a ViT's rows are its patches, all shown")
+    # A ViT's page always keeps the [CLS] row: the image shows it until a patch is hovered.
+    chosen = [0] if vit else resolve_indices(chosen, T, "--rows", "tokens") if chosen else []
     # One forward for the weights and the lens; a decoder computes the last position's logits alone.
     extra = {"output_hidden_states": True} if hidden_states else {}
     if model.config.family == "decoder":

@@ -98,6 +98,8 @@ def test_encoder_decoder_html_has_three_views(tmp_path, capsys):
     assert all(f'"name":"{name}"' in html for name in ("cross", "self", "encoder"))
     assert main([*argv, "--rows", "1"]) == 2
     assert "an encoder-decoder's page holds every row" in capsys.readouterr().err
+    assert main([*argv, "--kind", "self"]) == 2
+    assert "the explorer shows all three" in capsys.readouterr().err
 
 
 def test_vit_image_page_and_ablation(tmp_path, capsys):

@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     png = args.out if args.out is not None else (None if html or heads else "attention.png")
     if args.heads is not None and png is None:
         raise UsageError("--heads picks the PNG's panels (--out); the explorer shows every head")
+    if args.kind is not None and png is None and not heads:
+        raise UsageError(
+            "--kind picks the PNG's (--out) or the ablated (--ablate) attention; the explorer shows all three"
+        )
     if args.rows and html is None:
         raise UsageError("--rows picks the query rows the HTML explorer keeps; give --html too")
     if args.image is None and args.prompt is None:

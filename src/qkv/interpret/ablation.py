@@ -16,7 +16,9 @@ from torch import nn
 
 from qkv.errors import UsageError
 
-KINDS = ("self", "encoder", "cross")  # as qkv.viz.attention_maps: the decoder's (or only stack's), the encoder's
+# A model's one stack (an encoder-decoder's decoder), an encoder-decoder's encoder, its cross-attention;
+# qkv.viz.attention_maps takes the same kinds.
+KINDS = ("self", "encoder", "cross")
 MEASURES = ("loss", "logits")
 
 

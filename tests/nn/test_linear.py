@@ -46,3 +46,52 @@ def test_float32_takes_plain_path():
     with torch.no_grad():
         layer(torch.randn(2, 32))
     assert layer._packed is None
+
+
+def _float32_matmul_ran(out: torch.Tensor) -> bool:
+    """Whether `qkv::float32_matmul` (oneDNN) is in the autograd graph that produced `out`."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "float32_matmul" in type(fn).__name__:
+            return True
+        todo += [f for f, _ in fn.next_functions]
+    return False
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen-weight"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided-input"])
+def test_float32_training_path_matches_float64(bias, frozen, transposed):
+    # float32 training runs forward, dx and dw through oneDNN: as close to float64 as F.linear is.
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=bias).requires_grad_(not frozen)
+    x = torch.randn(9, 5, 64)
+    x = (x.transpose(0, 1) if transposed else x).requires_grad_(True)
+    grad = torch.randn(*x.shape[:-1], 96)
+    out = layer(x)
+    assert _float32_matmul_ran(out)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_(True) for t in (x, layer.weight, layer.bias) if t is not None]
+    F.linear(*ref).backward(grad.double())
+    torch.testing.assert_close(out.double(), F.linear(*ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref[0].grad, rtol=1e-5, atol=1e-5)
+    if frozen:
+        assert layer.weight.grad is None
+    else:
+        torch.testing.assert_close(layer.weight.grad.double(), ref[1].grad, rtol=1e-5, atol=1e-4)
+        if bias:
+            torch.testing.assert_close(layer.bias.grad.double(), ref[2].grad, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_training_path_stays_out_of_autocast_and_no_grad():
+    layer = Linear(32, 16)
+    x = torch.randn(2, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and not _float32_matmul_ran(out)  # autocast's bf16 linear
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))

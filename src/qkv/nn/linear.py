@@ -4,8 +4,13 @@ A plain bf16 `F.linear` on CPU reaches about half the memory bandwidth that oneD
 weight reordered once into its blocked layout (measured on AVX512-BF16: 2x for the matrix-vector
 products of batch-1 decoding), with bit-identical results. So when no gradient is needed, the
 weight is packed on first use and the packed copy is reused until the weight changes (its
-version counter or storage moves). Training and float32 take the ordinary path. Set
-`QKV_PACKED_LINEAR=0` to turn packing off (it keeps a second copy of each weight in memory).
+version counter or storage moves). Set `QKV_PACKED_LINEAR=0` to turn packing off (it keeps a
+second copy of each weight in memory) and with it the float32 training path below.
+
+float32 training on CPU runs its three matmuls (forward, input and weight gradients) through
+oneDNN too (`float32_linear`): torch's float32 matmul is MKL's, which on AMD CPUs takes a code
+path about half as fast as oneDNN's AVX-512 one (`python benchmarks/train.py --linear` times
+both). It is still float32 arithmetic (IEEE products, float32 accumulation), in another order.
 """
 
 from __future__ import annotations
@@ -31,6 +36,39 @@ def packing_available() -> bool:
 _AVAILABLE = packing_available()
 
 
+@torch.library.custom_op("qkv::float32_matmul", mutates_args=())
+def float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [K, N] in oneDNN's float32 matmul, differentiable. A torch.library op, so
+    that a compiled training step calls it as it is (inductor would lower the oneDNN linear as
+    for frozen, prepacked weights)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+@float32_matmul.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _save_operands(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _matmul_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    a, b = ctx.saved_tensors
+    da = float32_matmul(grad, b.t()) if ctx.needs_input_grad[0] else None
+    db = float32_matmul(a.t(), grad) if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+float32_matmul.register_autograd(_matmul_backward, setup_context=_save_operands)
+
+
+def float32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [..., K], w [N, K], b [N]) with the matmuls (forward, dx, dw) in oneDNN."""
+    out = float32_matmul(x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], w.shape[0])
+    return out + b if b is not None else out
+
+
 class Linear(nn.Linear):
     """Drop-in nn.Linear (same parameters and state-dict names) with a packed inference path."""
 
@@ -49,14 +87,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if torch.compiler.is_compiling():
-            return F.linear(x, w, self.bias)  # inductor packs weights itself (freezing)
-        if (
-            _AVAILABLE
-            and w.dtype in _PACKED_DTYPES
-            and x.dtype == w.dtype
-            and w.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-        ):
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        if _AVAILABLE and w.device.type == "cpu" and x.dtype == w.dtype:
+            grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+            if (
+                grad
+                and w.dtype == torch.float32
+                and type(w) in (torch.Tensor, nn.Parameter)  # not a DTensor shard
+                and not torch.is_autocast_enabled("cpu")  # autocast's linear runs in bfloat16
+            ):
+                return float32_linear(x, w, self.bias)
+            # Compiled: inductor packs weights itself (freezing).
+            if not grad and w.dtype in _PACKED_DTYPES and not torch.compiler.is_compiling():
+                return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
         return F.linear(x, w, self.bias)

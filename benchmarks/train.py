@@ -3,6 +3,7 @@
     python benchmarks/train.py [--iters 8] [--warmup 3] [--repeats 2] [--threads N] [--compile]
                                [--sides nanogpt,fp32,bf16] [--chars 1000000]
     python benchmarks/train.py --optimizer [--threads N]    # AdamW alone: foreach vs fused
+    python benchmarks/train.py --linear [--threads N]       # the linears' fp32 fwd+bwd: MKL vs oneDNN
     python benchmarks/train.py --attention [--threads N]    # attention fwd+bwd: fused kernel vs block-causal
     python benchmarks/train.py --loss [--threads N]         # the loss at SmolLM2's vocabulary: peak memory, time
 
@@ -15,12 +16,14 @@ clipping at 1.0. Every side is its own fresh process with the same thread count 
   --dtype says. Its own per-iteration times ("iter N: ... time X ms") are read from its output.
 - fp32 / bf16: qkv's `Trainer` (bf16 = `TrainingConfig(bf16=True)`: bfloat16 autocast, fp32
   weights and optimizer) on the same `ModelConfig`-built GPT, timed around `Trainer.train`;
-- compiled (--compile): the bf16 side with `torch.compile` on the model; its first step (trace,
-  compile from an empty inductor cache, run) is printed separately: it is paid once per process.
 A qkv side may carry flags, e.g. `--sides nanogpt,fp32,bf16,bf16+fusedattn`, that take one lever
 back out: +foreach (AdamW's foreach update, not the fused kernel), +plainloss (the loss as
 `F.cross_entropy` on float32 copies of the shifted logits), +fusedattn (torch's fused attention
-kernel, not the block-causal matmuls of `qkv.nn.causal_attention`, which bf16 training takes).
+kernel, not the block-causal matmuls of `qkv.nn.causal_attention`, which bf16 training takes),
++mkl (the float32 linears in torch's own matmul, MKL's, not oneDNN's: `qkv.nn.linear`); or put
+one in: +compile (`TrainingConfig(compile=True)`: torch.compile of the training step; its first
+step, trace + compile from an empty inductor cache + run, is printed separately: it is paid once
+per process). --compile adds fp32+compile and bf16+compile.
 
 Data: char-level ids of the Python standard library's sources (the text qkv's demo trains on),
 written in nanoGPT's format (train.bin / val.bin as uint16, meta.pkl with the vocabulary), the
@@ -55,12 +58,14 @@ import numpy as np
 NANOGPT = Path(__file__).resolve().parent / "peers" / "nanogpt"
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, batch_size=16)
 HYPER = dict(learning_rate=1e-3, min_lr=1e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
-SIDES = ("nanogpt", "fp32", "bf16", "compiled")
+SIDES = ("nanogpt", "fp32", "bf16")
 # A qkv side may take levers back out: "bf16+foreach+fusedattn" is the bf16 side before them.
 FLAGS = {
     "foreach": "AdamW's foreach update instead of the fused kernel (the optimizer before the fused lever)",
     "plainloss": "the loss as F.cross_entropy on float32 copies of the shifted logits (before the chunked loss)",
     "fusedattn": "torch's fused attention kernel instead of qkv.nn.causal_attention's blocks (before that lever)",
+    "mkl": "the float32 linears through torch's matmul (MKL) instead of oneDNN's (before that lever)",
+    "compile": "TrainingConfig(compile=True): the training step torch.compile'd (its first step compiles)",
 }
 ITER_LINE = re.compile(r"^iter (\d+): loss ([0-9.]+), time ([0-9.]+)ms")
 
@@ -188,18 +193,19 @@ def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
         decoder.next_token_loss = plain_loss
     if "fusedattn" in flags:
         fused_attention_only()
+    if "mkl" in flags:
+        import qkv.nn.linear as linear
+
+        linear._AVAILABLE = False  # every Linear takes F.linear, i.e. torch's matmul
     torch.set_num_threads(threads)
     torch.manual_seed(1337)
     model = build_model(pickle.loads((data_dir / "meta.pkl").read_bytes())["vocab_size"])
     config = TrainingConfig(
         steps=iters, lr=HYPER["learning_rate"], min_lr=HYPER["min_lr"], weight_decay=HYPER["weight_decay"],
-        betas=(HYPER["beta1"], HYPER["beta2"]), grad_clip=HYPER["grad_clip"], bf16=side != "fp32", progress=False,
+        betas=(HYPER["beta1"], HYPER["beta2"]), grad_clip=HYPER["grad_clip"], bf16=side == "bf16", progress=False,
+        compile="compile" in flags,
     )  # fmt: skip
     source = WindowSource(data_dir / "train.bin", SHAPE["batch_size"], SHAPE["block_size"])
-    compile_s = None
-    if side == "compiled":
-        model.compile()
-        compile_s = time.perf_counter()  # the first step traces and compiles: timed from here to its end
     trainer = Trainer(model, config, source)
     if "foreach" in flags:
         trainer.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, fused=False)
@@ -208,9 +214,8 @@ def qkv_worker(side: str, data_dir: Path, iters: int, threads: int) -> dict:
         start = time.perf_counter()
         record = trainer.train(until=step)[-1]
         rows.append(((time.perf_counter() - start) * 1e3, record["loss"]))
-        if compile_s is not None and step == 1:
-            compile_s = time.perf_counter() - compile_s
-    return {"rows": rows, "compile_s": compile_s}
+    # The first step of a compiled side traces and compiles (from an empty inductor cache).
+    return {"rows": rows, "compile_s": rows[0][0] / 1e3 if config.compile else None}
 
 
 def run_qkv(side: str, data_dir: Path, iters: int, threads: int, env: dict[str, str]) -> dict:
@@ -243,6 +248,32 @@ def optimizer_times(threads: int, repeats: int = 20) -> dict[str, float]:
             optimizer.step()
             best = min(best, time.perf_counter() - start)
         times[name] = best * 1e3
+    return times
+
+
+def linear_times(threads: int, repeats: int = 10) -> dict[str, tuple[float, float]]:
+    """Best ms of one float32 linear forward + backward (dx and dw) at each of the benchmark
+    model's shapes (16 x 256 tokens): torch's `F.linear` (MKL's matmul) vs `qkv.nn.linear`'s
+    `float32_linear` (oneDNN's), alternated -> {"in -> out": (F.linear ms, float32_linear ms)}."""
+    import torch
+    import torch.nn.functional as F
+
+    from qkv.nn.linear import float32_linear
+
+    torch.set_num_threads(threads)
+    tokens, d = SHAPE["batch_size"] * SHAPE["block_size"], SHAPE["n_embd"]
+    times = {}
+    for n_in, n_out in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d), (d, 96)):
+        x = torch.randn(tokens, n_in, requires_grad=True)
+        w = (torch.randn(n_out, n_in) * 0.02).requires_grad_(True)
+        grad = torch.randn(tokens, n_out)
+        best = [float("inf"), float("inf")]
+        for _ in range(repeats + 1):
+            for i, fn in enumerate((F.linear, float32_linear)):
+                start = time.perf_counter()
+                fn(x, w).backward(grad)
+                best[i] = min(best[i], time.perf_counter() - start)
+        times[f"{n_in} -> {n_out}"] = (best[0] * 1e3, best[1] * 1e3)
     return times
 
 
@@ -344,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads of every side (default: physical cores)")
     p.add_argument("--sides", default="nanogpt,fp32,bf16",
                    help=f"comma-separated, of {', '.join(SIDES)}; qkv sides may add +{', +'.join(FLAGS)}")  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="add the compiled side (bf16 + torch.compile)")
+    p.add_argument("--compile", action="store_true", help="add the compiled sides fp32+compile and bf16+compile")
     p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
     p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
+    p.add_argument("--linear", action="store_true", help="time the fp32 linears' fwd+bwd, MKL vs oneDNN, and exit")
     p.add_argument("--attention", action="store_true", help="time attention fwd+bwd, fused vs block-causal, and exit")
     p.add_argument("--loss", action="store_true", help="peak memory and time of the loss at a 49k vocabulary, and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -376,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"AdamW update of the benchmark model: foreach {times['foreach']:.2f} ms, fused {times['fused']:.2f} ms "
               f"({times['foreach'] / times['fused']:.1f}x)")  # fmt: skip
         return 0
+    if args.linear:
+        from qkv.threads import physical_cores
+
+        times = linear_times(args.threads or physical_cores())
+        print(f"float32 linear forward + backward over {SHAPE['batch_size'] * SHAPE['block_size']} tokens, best ms:")
+        print(f"  {'in -> out':12} {'F.linear (MKL)':>15} {'float32_linear (oneDNN)':>24}")
+        for name, (mkl, onednn) in times.items():
+            print(f"  {name:12} {mkl:15.2f} {onednn:24.2f}  {mkl / onednn:.2f}x")
+        return 0
     if args.attention:
         from qkv.threads import physical_cores
 
@@ -383,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         print("causal attention forward + backward, [16, 4, 256, 64], best ms:")
         print("\n".join(f"  {name:36} {ms:7.1f}" for name, ms in times.items()))
         return 0
-    sides = [s for s in args.sides.split(",") if s] + (["compiled"] if args.compile else [])
+    sides = [s for s in args.sides.split(",") if s] + (["fp32+compile", "bf16+compile"] if args.compile else [])
     for side in sides:
         base, *flags = side.split("+")
         if base not in SIDES or (flags and base == "nanogpt") or set(flags) - set(FLAGS):

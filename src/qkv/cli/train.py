@@ -15,6 +15,9 @@ The run directory (--out) gets metrics.jsonl, loss_curve.png and checkpoint/ (a 
 that `qkv.load`, `qkv generate` and `qkv finetune` read). --resume continues from checkpoint/:
 run the same command again with --resume.
 
+--compile runs the training step through torch.compile: faster steps after a first one that
+compiles (a minute or more on a small CPU).
+
 --nproc N trains on N processes (DDP; --shard for FSDP2) by running the same command under
 torchrun (`python -m torch.distributed.run --standalone --nproc-per-node N -m qkv.cli.main train
 ...`); torchrun can also be called directly, e.g. across machines with --nnodes and
@@ -79,6 +82,8 @@ def add_training_arguments(
     p.add_argument("--save-every", type=non_negative_int, default=None, help="default: steps/10; 0 = at the end")
     p.add_argument("--eval-batches", type=positive_int, default=None, help="cap per evaluation (default: all)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step: faster steps after a first one that compiles")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run saved in <out>/checkpoint")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -108,6 +113,7 @@ def training_config(args: argparse.Namespace, out: Path) -> TrainingConfig:
         shard=args.shard,
         sharded_checkpoint=True if args.sharded_checkpoint else None,
         grad_checkpoint=args.grad_checkpoint,
+        compile=args.compile,
     )
 
 

@@ -19,6 +19,10 @@ the validation blocks and an `accuracy` that evaluation reports next to the loss
 more than it saves (`SavesPart`: ELECTRA's generator + discriminator) saves `checkpoint_model()`
 as the checkpoint and keeps the rest in training_state.pt.
 
+`TrainingConfig(compile=True)` runs the training step's forward and backward through
+`torch.compile` (inductor fuses the norms, activations, residual adds and the loss); the first step
+pays the compilation, so it is opt-in. Evaluation and checkpoints use the model as it is.
+
 Under torchrun (`qkv.training.distributed`) the same code trains on N processes: the model is
 wrapped in DDP (or FSDP2 with `shard=True`), each rank reads its share of every global batch,
 loss and gradient norm are averaged so every rank logs the same numbers, only rank 0 writes
@@ -118,6 +122,7 @@ class TrainingConfig:
     shard: bool = False  # under torchrun: FSDP2 (weights, gradients, optimizer state split over ranks), not DDP
     sharded_checkpoint: bool | None = None  # DCP checkpoints (None: when training on several processes)
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory, more compute)
+    compile: bool = False  # torch.compile (inductor) the training forward + backward; the first step compiles
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -208,6 +213,10 @@ class Trainer:
                 raise UsageError(f"grad_checkpoint: {exc}") from None
         self.model = model
         self.wrapped = distributed.wrap(model, shard=config.shard)  # what a training step calls
+        if config.compile:
+            # Only the training step is compiled: evaluation and saving use `model` as it is, and a
+            # compiled module's state dict would name every parameter `_orig_mod.<name>`.
+            self.wrapped = torch.compile(self.wrapped)
         distributed.seed_per_rank(self.dist)  # after the (identical) model init on every rank
         self.run_info = dict(run_info or {})
         self.config = config

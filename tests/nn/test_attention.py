@@ -267,8 +267,13 @@ def test_blocked_prefill_is_as_close_to_float64_as_the_fused_kernel(B, H, KV, T,
 
 def test_blocked_prefill_is_taken_only_where_it_applies(monkeypatch):
     """Blocks for a causal, unbiased bfloat16 prompt without grad; the fused kernel for a short
-    prompt, a bias, float32, a forward that builds a graph for backward, or dropout."""
+    prompt, a bias, float32, a forward that builds a graph for backward, or dropout. (The torch
+    blocks' thresholds: the C kernel, where built, takes prompts of any length; see
+    tests/nn/test_causal_attention.py.)"""
     import qkv.nn.attention as attention
+    import qkv.nn.causal_attention as ca
+
+    monkeypatch.setattr(ca, "NATIVE", False)
 
     calls = []
     real = attention.causal_attention

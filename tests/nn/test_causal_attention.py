@@ -125,3 +125,100 @@ def test_peaked_rows_stay_near_the_fused_bf16_kernels_error(seed):
     assert (ours.float() - ref).abs().max() <= 2.5 * (kernel.float() - ref).abs().max()
     for name, theirs, mine, exact in zip("qkv", kernel_grads, grads, ref_grads):
         assert (mine.float() - exact).abs().max() <= 3 * (theirs.float() - exact).abs().max(), name
+
+
+# The prefill kernel (`qkv/kernels/causal_attention.c`): bfloat16, no gradients, AVX-512 BF16.
+native = pytest.mark.skipif(
+    not ca.native_available(), reason="causal_attention.c is not built here (needs AVX-512 BF16)"
+)
+
+
+def _fused_and_exact(q, k, v, scale):
+    fused = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    exact = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True, scale=scale, enable_gqa=True
+    )
+    return fused, exact
+
+
+@native
+@pytest.mark.parametrize(
+    "B,H,KV,T,hd",
+    [
+        (2, 4, 4, 37, 64),
+        (1, 9, 3, 512, 64),
+        (1, 8, 2, 100, 128),
+        (1, 6, 1, 1, 32),
+        (3, 2, 1, 65, 96),
+        (1, 5, 5, 33, 32),
+    ],
+)
+def test_native_kernel_matches_the_exact_attention_as_the_fused_kernel_does(B, H, KV, T, hd):
+    """Ragged tiles (T not a multiple of 32), one token, grouped and multi-query heads, head dims 32 to 128."""
+    gen = torch.Generator().manual_seed(T + H)
+    q, k, v = (torch.randn(B, n, T, hd, generator=gen).mul(2).bfloat16() for n in (H, KV, KV))
+    scale = hd**-0.5
+    with torch.no_grad():
+        ours = ca._native(q, k, v, scale)
+        blocks = ca._forward_blocks(q, k, v, scale, keep=False)[0]
+        fused, exact = _fused_and_exact(q, k, v, scale)
+    assert ours.shape == q.shape and ours.dtype == torch.bfloat16
+    fused_err = (fused.double() - exact).abs().max()
+    assert (ours.double() - exact).abs().max() <= 2 * fused_err + 1e-6
+    # The torch blocks do the same arithmetic: at most a bf16 rounding apart, in few elements.
+    diff = (ours.float() - blocks.float()).abs()
+    assert diff.max() <= 2 * 2**-8 * blocks.float().abs().max() and (diff > 0).float().mean() < 0.05
+
+
+@native
+def test_native_kernel_reads_strided_heads_and_writes_the_projection_order():
+    gen = torch.Generator().manual_seed(1)
+    B, T, H, KV, hd = 2, 70, 6, 2, 64
+    fused_qkv = torch.randn(B, T, H + 2 * KV, hd, generator=gen).bfloat16()  # as Attention's projection gives
+    q, k, v = (t.transpose(1, 2) for t in fused_qkv.split((H, KV, KV), dim=2))
+    with torch.no_grad():
+        out = ca._native(q, k, v, 0.125)
+        plain = ca._native(q.contiguous(), k.contiguous(), v.contiguous(), 0.125)
+    assert torch.equal(out, plain)
+    assert out.transpose(1, 2).is_contiguous()  # [B, T, H, hd] memory: the output projection copies nothing
+
+
+@native
+@pytest.mark.parametrize("seed", [3, 7])
+def test_native_kernel_on_peaked_rows_stays_near_the_fused_kernels_error(seed):
+    q, k, v, _ = inputs(torch.bfloat16, B=2, H=4, T=96, hd=64, seed=seed)
+    q, k = (q.float() * 3).bfloat16(), (k.float() * 3).bfloat16()
+    with torch.no_grad():
+        ours = causal_attention(q, k, v, 0.125)
+        fused, exact = _fused_and_exact(q, k, v, 0.125)
+    assert (ours.double() - exact).abs().max() <= 2.5 * (fused.double() - exact).abs().max()
+
+
+@native
+def test_native_kernel_keeps_the_future_out():
+    q, k, v, _ = inputs(torch.bfloat16, H=4, T=80, hd=32)
+    v2 = v.clone()
+    v2[:, :, 50:] += 100.0
+    with torch.no_grad():
+        out, out2 = causal_attention(q, k, v, 0.25), causal_attention(q, k, v2, 0.25)
+    assert torch.equal(out[:, :, :50], out2[:, :, :50]) and not torch.equal(out[:, :, 50:], out2[:, :, 50:])
+
+
+@native
+def test_a_prefill_of_any_length_takes_the_kernel_where_it_is_built(monkeypatch):
+    q = torch.empty(1, 9, 64, 64, dtype=torch.bfloat16)
+    k = torch.empty(1, 3, 64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert ca.PREFILL_MIN_TOKENS > 64 and causal_attention_fits(q, k, 0.0)
+        assert not causal_attention_fits(q[..., :16], k[..., :16], 0.0)  # head dim 16: not the kernel's
+        long = torch.empty(1, 1, ca.NATIVE_MAX_TOKENS + 1, 64, dtype=torch.bfloat16)
+        assert not causal_attention_fits(long, long, 0.0)  # past where it was measured: the fused kernel
+        monkeypatch.setattr(ca, "NATIVE", False)  # QKV_NATIVE_ATTENTION=0
+        assert not causal_attention_fits(q, k, 0.0)
+
+
+@native
+def test_native_kernel_rejects_a_head_dim_it_does_not_take():
+    q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"qkv_causal_attention_bf16 failed \(1\)"):
+        ca._native(q, q, q, 0.25)

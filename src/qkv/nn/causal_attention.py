@@ -20,9 +20,13 @@ backward pass, which runs on half-precision matrix products.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
 import torch
+
+from qkv import kernels
 
 # Query rows per block: smaller blocks skip more of the masked triangle, larger ones make longer
 # matrix products; of 32, 64, 128 and 256, 64 was the fastest at T = 256, 128 within a few percent
@@ -38,6 +42,10 @@ PREFILL_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
 # Where the explicit path was measured to win: bfloat16 on CPU (the fused kernel's float32 speed is
 # on a par; float16 matmuls on a CPU without AVX-512 FP16 were not measured, so they keep the kernel).
 DTYPES = (torch.bfloat16,)
+# A prefill runs in `qkv/kernels/causal_attention.c` where it is built (QKV_NATIVE_ATTENTION=0: the
+# torch blocks instead, as `benchmarks/prefill_attention.py` compares them).
+NATIVE = os.environ.get("QKV_NATIVE_ATTENTION", "1") != "0"
+NATIVE_MAX_TOKENS = 8192
 
 
 def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
@@ -52,7 +60,17 @@ def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) ->
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return k.shape[1] == H and B * H * T * (T + BLOCK) // 2 * q.element_size() <= MAX_SAVED_BYTES
+    if _native_fits(q):
+        return T <= NATIVE_MAX_TOKENS
     return PREFILL_MIN_TOKENS <= T <= PREFILL_MAX_TOKENS
+
+
+def _native_fits(q: torch.Tensor) -> bool:
+    # Not inside a traced graph: the kernel is a ctypes call, which dynamo cannot trace.
+    return (
+        NATIVE and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0 and not torch.compiler.is_compiling()
+        and native_available()
+    )  # fmt: skip
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
@@ -116,6 +134,37 @@ class _BlockCausalAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+_NATIVE_ARGS = (ctypes.c_void_p,) * 4 + (ctypes.c_int64,) * 5 + (ctypes.c_void_p, ctypes.c_float, ctypes.c_int)
+
+
+@functools.cache
+def native_available() -> bool:
+    """Whether `qkv/kernels/causal_attention.c` is built here and this CPU has AVX-512 BF16."""
+    lib = kernels.library("causal_attention")
+    return lib is not None and bool(lib.qkv_causal_attention_simd())
+
+
+def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The prefill's attention in one call of `qkv/kernels/causal_attention.c` (same arithmetic
+    as `_forward_blocks`: float32 scores and softmax, bfloat16 weights, float32 sums).
+
+    The kernel reads q, k and v through their strides (a fused projection's heads are views) and
+    writes the output as [B, T, H, hd] memory, returned as the [B, H, T, hd] view of it, so that
+    the output projection's `transpose(1, 2).reshape` copies nothing."""
+    B, H, T, hd = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)
+    strides = (ctypes.c_int64 * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
+    fn = kernels.function("causal_attention", "qkv_causal_attention_bf16", _NATIVE_ARGS)
+    code = fn(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, k.shape[1], T, hd, strides, scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if code:
+        raise RuntimeError(f"qkv_causal_attention_bf16 failed ({code}) for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return out
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale, causal) v for q [B, H, T, hd] and k, v [B, KV, T, hd] (KV divides
     H; KV == H where gradients are wanted) -> [B, H, T, hd], with autograd.
@@ -137,4 +186,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if grad:
         return _BlockCausalAttention.apply(q, k, v, scale)
     with torch.no_grad():
+        if _native_fits(q):
+            return _native(q, k, v, scale)
         return _forward_blocks(q, k, v, scale, keep=False)[0]

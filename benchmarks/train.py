@@ -2,6 +2,7 @@
 
     python benchmarks/train.py [--iters 8] [--warmup 3] [--repeats 2] [--threads N] [--compile]
                                [--sides nanogpt,fp32,bf16] [--chars 1000000]
+    python benchmarks/train.py --interleaved [--threads 1] [--iters 8] [--sides ...]   # a busy machine
     python benchmarks/train.py --optimizer [--threads N]    # AdamW alone: foreach vs fused
     python benchmarks/train.py --linear [--threads N]       # the linears' fp32 fwd+bwd: MKL vs oneDNN
     python benchmarks/train.py --attention [--threads N]    # attention fwd+bwd: fused kernel vs block-causal
@@ -32,6 +33,14 @@ the same train.bin with the same draw (its own generator, seed 1337), so both se
 same characters by the same rule, though not the same windows: nanoGPT's draws share its global
 generator with its weight initialisation.
 
+--interleaved, for a machine shared with other work: every side in this one process, a step of
+each in turn, --iters rounds (after --warmup), timed in CPU seconds of the process
+(`time.process_time`), which other processes' load barely moves at --threads 1 (with more threads,
+OpenMP's waiting counts too). nanoGPT's side there is its model.py and optimizer with train.py's
+step rebuilt around them (get_batch, forward, backward, clip, AdamW, zero_grad), not its train.py.
+Prints per side the min and median CPU ms/step and the median and range of nanoGPT/side per round.
+Only the flags +mkl, +foreach and +compile (which do not patch modules for the whole process) mix.
+
 A round runs each side once (in the order given); --repeats rounds alternate them, so a load
 from other processes hits every side alike. Per side: the median ms/iter of the timed iterations
 (after --warmup), best over the rounds. Prints that table and the ratios nanoGPT/qkv (higher:
@@ -51,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +238,95 @@ def run_qkv(side: str, data_dir: Path, iters: int, threads: int, env: dict[str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def nanogpt_step(data_dir: Path, vocab_size: int) -> Callable[[], float]:
+    """nanoGPT's training step in this process: its model.py and `configure_optimizers` with the
+    step of its train.py's loop (get_batch as it draws, forward, backward, clip, AdamW, zero_grad)."""
+    import torch
+
+    sys.path.insert(0, str(NANOGPT))
+    from model import GPT, GPTConfig
+
+    config = GPTConfig(block_size=SHAPE["block_size"], vocab_size=vocab_size, n_layer=SHAPE["n_layer"],
+                       n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"], dropout=0.0, bias=False)  # fmt: skip
+    model = GPT(config).train()
+    optimizer = model.configure_optimizers(HYPER["weight_decay"], HYPER["learning_rate"],
+                                           (HYPER["beta1"], HYPER["beta2"]), "cpu")  # fmt: skip
+    data = np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r")
+    B, T = SHAPE["batch_size"], SHAPE["block_size"]
+
+    def step() -> float:
+        ix = torch.randint(len(data) - T, (B,))
+        x = torch.stack([torch.from_numpy(data[i : i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HYPER["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def qkv_step(side: str, data_dir: Path, vocab_size: int) -> Callable[[], float]:
+    """One qkv side's training step (`Trainer.train` for one more step) in this process."""
+    import torch
+
+    import qkv.nn.linear as linear
+    from qkv.training import Trainer, TrainingConfig
+    from qkv.training.optim import build_optimizer
+
+    base, *flags = side.split("+")
+    config = TrainingConfig(
+        steps=10**9, lr=HYPER["learning_rate"], min_lr=HYPER["min_lr"], weight_decay=HYPER["weight_decay"],
+        betas=(HYPER["beta1"], HYPER["beta2"]), grad_clip=HYPER["grad_clip"], bf16=base == "bf16", progress=False,
+        compile="compile" in flags,
+    )  # fmt: skip
+    torch.manual_seed(1337)
+    model = build_model(vocab_size)
+    trainer = Trainer(model, config, WindowSource(data_dir / "train.bin", SHAPE["batch_size"], SHAPE["block_size"]))
+    if "foreach" in flags:
+        trainer.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, fused=False)
+    onednn = linear._AVAILABLE and "mkl" not in flags
+
+    def step() -> float:
+        linear._AVAILABLE, before = onednn, linear._AVAILABLE  # +mkl: F.linear for this side's steps only
+        try:
+            return trainer.train(until=trainer.step + 1)[-1]["loss"]
+        finally:
+            linear._AVAILABLE = before
+
+    return step
+
+
+def interleaved(sides: list[str], data_dir: Path, vocab_size: int, iters: int, warmup: int) -> str:
+    """Every side in this process, one step of each in turn -> the table of CPU ms per step."""
+    steps = {}
+    for side in sides:
+        steps[side] = nanogpt_step(data_dir, vocab_size) if side == "nanogpt" else qkv_step(side, data_dir, vocab_size)
+        start = time.perf_counter()
+        steps[side]()
+        log(f"{side}: first step {time.perf_counter() - start:.1f} s (wall)")
+    for _ in range(max(0, warmup - 1)):
+        for step in steps.values():
+            step()
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
+    for round_ in range(iters):
+        for side, step in steps.items():
+            start = time.process_time()
+            step()
+            cpu[side].append((time.process_time() - start) * 1e3)
+        log(f"round {round_ + 1}/{iters}: " + ", ".join(f"{s} {cpu[s][-1]:.0f}" for s in sides))
+    lines = [f"{'side':16} {'CPU ms/step: min':>16} {'median':>8}  nanoGPT/side per round: median (range)"]
+    for side in sides:
+        row = f"{side:16} {min(cpu[side]):16.1f} {statistics.median(cpu[side]):8.1f}"
+        if "nanogpt" in cpu and side != "nanogpt":
+            ratios = [n / q for n, q in zip(cpu["nanogpt"], cpu[side])]
+            row += f"  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def optimizer_times(threads: int, repeats: int = 20) -> dict[str, float]:
     """Best ms of one AdamW update (`build_optimizer`) over the benchmark model's parameters, with
     torch's foreach implementation and with its fused kernel."""
@@ -377,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, of {', '.join(SIDES)}; qkv sides may add +{', +'.join(FLAGS)}")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="add the compiled sides fp32+compile and bf16+compile")
     p.add_argument("--chars", type=int, default=1_000_000, help="characters of the dataset (default 1,000,000)")
+    p.add_argument("--interleaved", action="store_true",
+                   help="all sides in one process, a step of each in turn, in CPU time (busy machines)")  # fmt: skip
     p.add_argument("--optimizer", action="store_true", help="time one AdamW update, foreach vs fused, and exit")
     p.add_argument("--linear", action="store_true", help="time the fp32 linears' fwd+bwd, MKL vs oneDNN, and exit")
     p.add_argument("--attention", action="store_true", help="time attention fwd+bwd, fused vs block-causal, and exit")
@@ -429,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         base, *flags = side.split("+")
         if base not in SIDES or (flags and base == "nanogpt") or set(flags) - set(FLAGS):
             p.error(f"unknown side {side!r}: choose from {', '.join(SIDES)}, a qkv one with +{', +'.join(FLAGS)}")
+        if args.interleaved and set(flags) - {"mkl", "foreach", "compile"}:
+            p.error(f"--interleaved mixes only the flags +mkl, +foreach and +compile, not {side!r}")
     if args.iters < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--iters and --repeats must be >= 1 and --warmup >= 0")
     from qkv.threads import physical_cores
@@ -443,6 +546,14 @@ def main(argv: list[str] | None = None) -> int:
         vocab = build_dataset(data_dir, args.chars)
         log(f"data: {args.chars:,} characters of the standard library's sources, vocabulary {vocab}; "
             f"{threads} threads; {args.warmup} + {args.iters} iterations per side, {args.repeats} rounds")  # fmt: skip
+        if args.interleaved:
+            import torch
+
+            torch.set_num_threads(threads)
+            table_text = interleaved(sides, data_dir, vocab, args.iters, args.warmup)
+            print(f"torch {torch.__version__}, {threads} threads, one process, steps interleaved; shape: {SHAPE}")
+            print(table_text)
+            return 0
         runs: dict[str, list] = {s: [] for s in sides}
         compile_s: dict[str, float] = {}
         for round_ in range(args.repeats):

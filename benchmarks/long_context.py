@@ -12,7 +12,8 @@ against transformers' `generate(max_new_tokens=1)` with SDPA attention, on the v
 (qkv loads the GGUF file dequantized to bf16 and exports them as a Hugging Face directory, which
 transformers loads as a plain LlamaForCausalLM in bf16). Each measurement runs in a fresh process
 of its own, which loads the model, warms up on a 64-token prompt, then measures:
-- time: wall seconds of the call;
+- time: wall seconds of the call, and the CPU seconds of the process in it (all threads; on a
+  shared machine the CPU time is the steadier number, wall time counts the waits for a core);
 - peak: the activation peak, the process's peak resident memory during the call (VmHWM, reset to
   the current RSS through /proc/self/clear_refs just before it) minus its RSS just before it. The
   loaded model is not counted; the KV cache the call builds is.
@@ -100,11 +101,12 @@ def worker(side: str, length: int, chunk: int, ids_path: str, hf_dir: str, threa
         trim()
     _reset_peak()
     before = _status_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     out = run(ids)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "peak_mb": (_status_kib("VmHWM") - before) / 1024,
         "model_rss_mb": before / 1024,
         "token": int(out[0, -1]),
@@ -137,15 +139,17 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'tokens':>7} | {'qkv s':>7} {'qkv MB':>8} | {'transformers s':>14} {'transformers MB':>15} | "
-            f"{'time ratio':>10} {'memory ratio':>12} | {'qkv MB/1k tok':>13} {'same token':>10}")  # fmt: skip
+    head = (f"{'tokens':>7} | {'qkv s':>7} {'cpu s':>7} {'MB':>6} | {'transformers s':>14} {'cpu s':>7} {'MB':>6} | "
+            f"{'wall ratio':>10} {'cpu ratio':>9} {'memory ratio':>12} | "
+            f"{'qkv MB/1k tok':>13} {'same token':>10}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         q, t = r["qkv"], r["transformers"]
         lines.append(
-            f"{r['length']:>7} | {q['seconds']:>7.2f} {q['peak_mb']:>8.0f} | "
-            f"{t['seconds']:>14.2f} {t['peak_mb']:>15.0f} | "
-            f"{q['seconds'] / t['seconds']:>10.2f} {q['peak_mb'] / t['peak_mb']:>12.2f} | "
+            f"{r['length']:>7} | {q['seconds']:>7.1f} {q['cpu_seconds']:>7.1f} {q['peak_mb']:>6.0f} | "
+            f"{t['seconds']:>14.1f} {t['cpu_seconds']:>7.1f} {t['peak_mb']:>6.0f} | "
+            f"{q['seconds'] / t['seconds']:>10.2f} {q['cpu_seconds'] / t['cpu_seconds']:>9.2f} "
+            f"{q['peak_mb'] / t['peak_mb']:>12.2f} | "
             f"{q['peak_mb'] / r['length'] * 1000:>13.1f} {'yes' if q['token'] == t['token'] else 'no':>10}"
         )
     return "\n".join(lines)
@@ -201,7 +205,9 @@ def memory(args: argparse.Namespace) -> int:
             for side in SIDES:
                 progress(f"{length} tokens: {side} ...")
                 row[side] = run_worker(side, length, args.chunk, ids_path, hf_dir, args.threads)
-                progress(f"{length} tokens: {side}: {row[side]['seconds']:.2f} s, peak {row[side]['peak_mb']:.0f} MB")
+                r = row[side]
+                progress(f"{length} tokens: {side}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), "
+                         f"peak {r['peak_mb']:.0f} MB")  # fmt: skip
             rows.append(row)
     print(f"SmolLM2-135M-Instruct bf16, prefill + 1 token, qkv prefill chunk {args.chunk}, "
           f"torch threads {rows[0]['qkv']['threads']}; peak = RSS above the loaded model")  # fmt: skip

@@ -69,9 +69,12 @@ def _reset_peak() -> None:
 
 def worker(side: str, length: int, chunk: int, ids_path: str, hf_dir: str, threads: int | None) -> dict:
     """Load the model on `side`, warm up, then prefill `length` tokens and pick one: time and peak."""
+    import os
+
     import torch
 
     if threads:
+        os.environ["QKV_THREADS"] = str(threads)  # else qkv sets one thread per physical core on loading
         torch.set_num_threads(threads)
     ids = torch.tensor([json.loads(Path(ids_path).read_text())[:length]])
     if side == "qkv":

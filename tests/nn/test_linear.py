@@ -65,13 +65,14 @@ def _float32_matmul_ran(out: torch.Tensor) -> bool:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen-weight"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided-input"])
-def test_float32_training_path_matches_float64(bias, frozen, transposed):
+@pytest.mark.parametrize("n_in, n_out", [(64, 96), (96, 64)], ids=["widening", "narrowing"])  # both dw orders
+def test_float32_training_path_matches_float64(bias, frozen, transposed, n_in, n_out):
     # float32 training runs forward, dx and dw through oneDNN: as close to float64 as F.linear is.
     torch.manual_seed(0)
-    layer = Linear(64, 96, bias=bias).requires_grad_(not frozen)
-    x = torch.randn(9, 5, 64)
+    layer = Linear(n_in, n_out, bias=bias).requires_grad_(not frozen)
+    x = torch.randn(9, 5, n_in)
     x = (x.transpose(0, 1) if transposed else x).requires_grad_(True)
-    grad = torch.randn(*x.shape[:-1], 96)
+    grad = torch.randn(*x.shape[:-1], n_out)
     out = layer(x)
     assert _float32_matmul_ran(out)
     out.backward(grad)

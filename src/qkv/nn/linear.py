@@ -56,7 +56,9 @@ def _save_operands(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch
 def _matmul_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     a, b = ctx.saved_tensors
     da = float32_matmul(grad, b.t()) if ctx.needs_input_grad[0] else None
-    db = float32_matmul(a.t(), grad) if ctx.needs_input_grad[1] else None
+    db = None
+    if ctx.needs_input_grad[1]:  # a.t() @ grad [K, N]: oneDNN is faster with the shorter side as rows
+        db = float32_matmul(a.t(), grad) if a.shape[1] <= grad.shape[1] else float32_matmul(grad.t(), a).t()
     return da, db
 
 

@@ -8,8 +8,10 @@ the last position's logits only) three ways:
 - R rows: `output_attentions=True, attention_rows=<the last R positions>`: every layer's
   weights [1, H, R, T] for those rows, computed beside the fast path;
 - eager: `output_attentions=True`: every layer's full weights [1, H, T, T] from the eager backend.
-Time: one subprocess runs the paths in turn, `--repeats` rounds after a warm-up round, and keeps
-each path's best (interleaved, so a busy spell on a shared machine hits every path alike).
+Time: one subprocess runs the plain and rows paths in turn, `--repeats` rounds after a warm-up
+round, and keeps each path's best (interleaved, so a busy spell on a shared machine hits every
+path alike); the eager path is timed in a subprocess of its own (freeing its gigabytes of
+weights made whichever path ran next pay for fresh pages: 2x slower in one trial).
 Memory: each path runs once in a fresh subprocess, which reports its peak RSS (`ru_maxrss`)
 above its RSS once the model is loaded (a few tens of MiB of it are the allocator's noise).
 One layer: the cost of the rows alone, less exposed to a busy machine than whole forwards: one
@@ -117,7 +119,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for length in (int(t) for t in args.lengths.split(",")):
         run = [p for p in paths if p != "eager" or length <= args.eager_max]
-        times = _run(args, length, run, time_them=True)["best_s"]
+        times = _run(args, length, [p for p in run if p != "eager"], time_them=True)["best_s"]
+        if "eager" in run:
+            times.update(_run(args, length, ["eager"], time_them=True)["best_s"])
         for path in run:
             memory = _run(args, length, [path], time_them=False)["above_loaded_mib"]
             name = {"plain": "plain forward", "eager": "eager, full weights"}.get(path, f"{path[4:]} rows")

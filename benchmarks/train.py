@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"data: {args.chars:,} characters of the standard library's sources, vocabulary {vocab}; "
             f"{threads} threads; {args.warmup} + {args.iters} iterations per side, {args.repeats} rounds")  # fmt: skip
         if args.interleaved:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # compiled sides start cold
             import torch
 
             torch.set_num_threads(threads)

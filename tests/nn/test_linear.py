@@ -88,9 +88,11 @@ def test_float32_training_path_matches_float64(bias, frozen, transposed, n_in, n
             torch.testing.assert_close(layer.bias.grad.double(), ref[2].grad, rtol=1e-5, atol=1e-5)
 
 
-def test_float32_training_path_stays_out_of_autocast_and_no_grad():
+def test_float32_training_path_stays_out_of_autocast_no_grad_and_eval():
     layer = Linear(32, 16)
     x = torch.randn(2, 32)
+    assert torch.equal(layer.eval()(x), F.linear(x, layer.weight, layer.bias))  # eval mode, even with grad on
+    layer.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
     assert out.dtype == torch.bfloat16 and not _float32_matmul_ran(out)  # autocast's bf16 linear

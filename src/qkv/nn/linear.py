@@ -7,10 +7,11 @@ weight is packed on first use and the packed copy is reused until the weight cha
 version counter or storage moves). Set `QKV_PACKED_LINEAR=0` to turn packing off (it keeps a
 second copy of each weight in memory) and with it the float32 training path below.
 
-float32 training on CPU runs its three matmuls (forward, input and weight gradients) through
-oneDNN too (`float32_linear`): torch's float32 matmul is MKL's, which on AMD CPUs takes a code
-path about half as fast as oneDNN's AVX-512 one (`python benchmarks/train.py --linear` times
-both). It is still float32 arithmetic (IEEE products, float32 accumulation), in another order.
+float32 training on CPU (train mode, gradients wanted) runs its three matmuls (forward, input and
+weight gradients) through oneDNN too (`float32_linear`): torch's float32 matmul is MKL's, which on
+AMD CPUs takes a code path about half as fast as oneDNN's AVX-512 one (`python
+benchmarks/train.py --linear` times both). It is still float32 arithmetic (IEEE products, float32
+accumulation), in another order. In eval mode the numbers stay torch's own.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Linear(nn.Linear):
             grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
             if (
                 grad
+                and self.training  # in eval mode, forward numbers stay torch's own (parity tests, interpretation)
                 and w.dtype == torch.float32
                 and type(w) in (torch.Tensor, nn.Parameter)  # not a DTensor shard
                 and not torch.is_autocast_enabled("cpu")  # autocast's linear runs in bfloat16

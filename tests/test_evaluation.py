@@ -142,6 +142,20 @@ def test_chunked_runs_past_the_trained_context_under_rope_scaling():
     assert perplexity(long, ids, window=64, chunk=16).nll_sum == pytest.approx(reference(long, ids, 64)[0], rel=1e-5)
 
 
+def test_a_window_past_a_dynamic_ntk_models_trained_length_equals_one_forward():
+    dynamic = tiny_model(
+        "tiny-llama", vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, max_seq_len=32,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+    )  # fmt: skip
+    with torch.no_grad():  # sharper attention than the 0.02 init's, so that the rotation shows in the loss
+        for block in dynamic.blocks:
+            block.attn.qkv_proj.weight.mul_(8.0)
+    ids = random_ids(VOCAB, 1, 70, seed=8, low=0)[0]
+    for window in (32, 70):  # within the trained length (through the cache), past it (one forward)
+        nll = perplexity(dynamic, ids, window=window, chunk=8).nll_sum
+        assert nll == pytest.approx(reference(dynamic, ids, window)[0], rel=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [0, -3, 2.5, True])
 def test_a_bad_chunk_is_refused(model, chunk):
     with pytest.raises(UsageError, match=r"chunk=.* must be a positive number of tokens"):

@@ -84,15 +84,23 @@ def perplexity(
 
 
 def _window_nll(model: nn.Module, piece: torch.Tensor, chunk: int | None) -> float:
-    """Summed NLL of piece[1:] given what precedes each token: one forward of the window, or its
-    tokens but the last fed `chunk` at a time through a cache (row t predicts token t + 1)."""
+    """Summed NLL of piece[1:] given what precedes each token (row t predicts token t + 1): one
+    forward of the window, or its tokens but the last fed `chunk` at a time through a cache. A
+    window past a dynamic-NTK model's trained length runs in one forward even so
+    (`rope_follows_length`), its logits still made `chunk` rows at a time from the hidden states."""
+    from qkv.generation.context import rope_follows_length
+
     if chunk is None:
         logits = model(piece[None]).logits[0, :-1]  # [n - 1, V]
         return float(F.cross_entropy(logits.float(), piece[1:], reduction="sum"))
     inputs, nll = piece[:-1], 0.0
-    cache = model.new_cache(1, len(inputs))
-    for start in range(0, len(inputs), chunk):
-        logits = model.decode(inputs[None, start : start + chunk], cache)[0]  # [chunk, V]
+    if rope_follows_length(model.config, len(inputs)):
+        hidden = model(inputs[None], logits_to_keep=1).last_hidden_state[0]  # [n - 1, D]
+        chunks = ((model.lm_head(hidden[s : s + chunk]), s) for s in range(0, len(inputs), chunk))
+    else:
+        cache = model.new_cache(1, len(inputs))
+        chunks = ((model.decode(inputs[None, s : s + chunk], cache)[0], s) for s in range(0, len(inputs), chunk))
+    for logits, start in chunks:  # [chunk, V]
         nll += float(F.cross_entropy(logits.float(), piece[start + 1 : start + 1 + chunk], reduction="sum"))
     return nll
 

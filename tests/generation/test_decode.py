@@ -130,3 +130,15 @@ def test_prefill_chunk_must_be_a_positive_integer():
     for bad in (0, -1, 2.0):
         with pytest.raises(ValueError, match=r"prefill_chunk=.* must be an integer >= 1"):
             generate(model, random_ids(512, 1, 4, seed=0), max_new_tokens=2, prefill_chunk=bad)
+
+
+def test_a_prompt_past_a_dynamic_ntk_models_trained_length_is_prefilled_whole():
+    """Dynamic NTK's base follows the forward's length, so chunks would cache keys rotated with
+    other bases than later queries use; such a prompt runs in one forward, as transformers does."""
+    model = tiny_model("tiny-llama", max_seq_len=32, rope_scaling={"type": "dynamic", "factor": 2.0})
+    ids = random_ids(512, 1, 45, seed=4)
+    whole = model(ids).logits[:, -1]
+    torch.testing.assert_close(start_decoding(model, ids, 4, chunk=8)[1], whole, atol=1e-5, rtol=1e-5)
+    assert generate(model, ids, max_new_tokens=8, prefill_chunk=8).tolist() == (
+        generate(model, ids, max_new_tokens=8, prefill_chunk=None).tolist()
+    )

@@ -112,3 +112,12 @@ def describe_context(cfg: ModelConfig) -> str:
     if cfg.context_limit is None or trained is None or trained == cfg.context_limit:
         return str(cfg.context_limit)
     return f"{cfg.context_limit} ({trained} trained, x{scaling.get('factor')} by {scaling.get('type')} RoPE scaling)"
+
+
+def rope_follows_length(cfg: ModelConfig, length: int) -> bool:
+    """Whether a forward of `length` tokens must run whole rather than in chunks through a cache:
+    under dynamic NTK scaling past the trained length, the RoPE base follows the longest position
+    of each forward, so keys cached by an earlier, shorter chunk would be rotated with another
+    base than the queries that read them (one forward gives every position the same base, as
+    transformers does)."""
+    return (cfg.rope_scaling or {}).get("type") == "dynamic" and length > cfg.max_seq_len

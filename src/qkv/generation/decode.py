@@ -17,7 +17,7 @@ import torch
 from qkv.cache import KVCache
 from qkv.errors import UsageError
 from qkv.generation.constrained import JsonSchemaProcessor
-from qkv.generation.context import describe_context
+from qkv.generation.context import describe_context, rope_follows_length
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
@@ -48,7 +48,8 @@ def prefill(
     A decoder continues the prompt itself, filling the cache `chunk` tokens per forward (None:
     all at once): each chunk attends to the cache and to itself, so the prefill's activations
     grow with the chunk and only its attention scores [chunk, T] with the prompt, and logits are
-    computed for the last position only. An encoder-decoder encodes the prompt into the cache's
+    computed for the last position only. A prompt past a dynamic-NTK model's trained length runs
+    in one forward (`rope_follows_length`). An encoder-decoder encodes the prompt into the cache's
     cross-attention context and continues [decoder_start_token_id].
     """
     if is_encoder_decoder(model):
@@ -57,6 +58,8 @@ def prefill(
         return model.decode(prefix, cache, logits_to_keep=1)[:, -1], prefix
     position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
     T = input_ids.shape[1]
+    if rope_follows_length(model.config, T):
+        chunk = None
     for start in range(0, T, chunk or T):
         end = min(T, start + (chunk or T))
         mask = attention_mask[:, :end] if attention_mask is not None else None  # [B, past + chunk]

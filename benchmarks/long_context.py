@@ -26,8 +26,8 @@ of 8,192 (the trained context, unscaled: the baseline) and as one window of `--p
 unscaled and with linear, dynamic NTK and YaRN scaling by `--ppl-length` / 8192, each window fed
 `--chunk` tokens per forward through the cache (`qkv.evaluation.perplexity(chunk=)`). "none" at 16k runs the model
 past its trained positions unscaled (its context check lifted), the baseline that scaling is for.
-Under dynamic NTK each chunk's positions take the base of the longest position seen so far, as in
-cached generation (one forward of the whole window would give every position the final base).
+Under dynamic NTK a window past 8k runs in one forward (every position takes the window's base, as
+in transformers), its logits made `--chunk` rows at a time.
 Progress goes to stderr.
 """
 
@@ -244,7 +244,8 @@ def perplexities(args: argparse.Namespace) -> int:
     head = f"{'scaling':>12} | {'window':>7} | {'perplexity':>10} | {'seconds':>7}"
     print(head + "\n" + "-" * len(head), flush=True)
     # The trained context first (the baseline), then one window of n tokens: unscaled, then each scaling.
-    for kind, window in (("none", TRAINED), ("none", n), ("linear", n), ("dynamic", n), ("yarn", n)):
+    runs = [("none", TRAINED)] + [(kind, n) for kind in ("none", "linear", "dynamic", "yarn")]
+    for kind, window in [(kind, window) for kind, window in runs if kind in args.ppl_scalings]:
         model = qkv.load(MODEL, dtype="bfloat16", dequantize=True)
         name = kind
         if kind == "none" and window > TRAINED:  # lift the context check only: positions past 8k run unscaled
@@ -280,6 +281,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each process")
     parser.add_argument("--perplexity", action="store_true", help="measure perplexity past 8k instead")
     parser.add_argument("--ppl-length", type=int, default=16384, help="tokens scored with --perplexity")
+    parser.add_argument("--ppl-scalings", type=lambda v: v.split(","), default=["none", "linear", "dynamic", "yarn"],
+                        help="which of none,linear,dynamic,yarn --perplexity runs")  # fmt: skip
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)

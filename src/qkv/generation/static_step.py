@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from qkv.cache import KVCache
+from qkv.generation.context import rope_follows_length
 
 
 def static_logits(model: torch.nn.Module, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache):
@@ -173,6 +174,8 @@ class StaticStep:
         see `qkv.generation.decode.prefill`), eagerly: one shape per prompt length would otherwise
         compile a graph each. Return the last position's logits [B, V]."""
         T = input_ids.shape[1]
+        if rope_follows_length(self.model.config, T):
+            chunk = None
         for start in range(0, T, chunk or T):
             end = min(T, start + (chunk or T))
             positions = torch.arange(start, end, device=input_ids.device)

@@ -14,6 +14,12 @@ stays near the fused kernel's); the weights are rounded to the inputs' dtype for
 with V, as the fused kernel rounds them. A training step keeps each block's weights for the
 backward pass, which runs on half-precision matrix products.
 
+Where it is built (AVX-512 BF16), a prefill (no gradients) instead runs `qkv/kernels/causal_attention.c`,
+the same arithmetic in one call: per tile of 32 query rows, float32 scores from vdpbf16ps, a
+vectorized float32 softmax, bfloat16 weights and float32 sums with V, all in the core's cache.
+It takes prompts of any length up to NATIVE_MAX_TOKENS (4.1-6.5x the fused kernel from 128 to
+16,384 tokens on SmolLM2's shape, `benchmarks/prefill_attention.py`).
+
 `python benchmarks/prefill_attention.py` (by prompt length) and `python benchmarks/train.py
 --attention` (a training step's shape, by block size) time it against the fused kernel.
 """
@@ -42,10 +48,11 @@ PREFILL_MAX_TOKENS = int(os.environ.get("QKV_BLOCKED_ATTENTION_MAX", "4096"))
 # Where the explicit path was measured to win: bfloat16 on CPU (the fused kernel's float32 speed is
 # on a par; float16 matmuls on a CPU without AVX-512 FP16 were not measured, so they keep the kernel).
 DTYPES = (torch.bfloat16,)
-# A prefill runs in `qkv/kernels/causal_attention.c` where it is built (QKV_NATIVE_ATTENTION=0: the
+# A prefill runs in `qkv/kernels/causal_attention.c` where it is built, up to NATIVE_MAX_TOKENS (the
+# longest measured: 4.1x the fused kernel at 16,384 tokens) (QKV_NATIVE_ATTENTION=0: the
 # torch blocks instead, as `benchmarks/prefill_attention.py` compares them).
 NATIVE = os.environ.get("QKV_NATIVE_ATTENTION", "1") != "0"
-NATIVE_MAX_TOKENS = 8192
+NATIVE_MAX_TOKENS = 16384
 
 
 def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:

@@ -68,3 +68,19 @@ def peft_adapter(hf_model, targets: list[str], rank: int, alpha: float, seed: in
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+# A Trainer test's model and data: GPT-2 style, 32 wide, so a training step takes milliseconds.
+TRAIN_VOCAB, TRAIN_SEQ = 64, 16
+
+
+def tiny_trainable_gpt2(n_layers: int = 1, **overrides) -> DecoderLM:
+    """A `tiny_model("tiny-gpt2")` over TRAIN_VOCAB tokens and TRAIN_SEQ positions."""
+    settings = dict(vocab_size=TRAIN_VOCAB, d_model=32, n_heads=2, n_layers=n_layers, max_seq_len=TRAIN_SEQ)
+    return tiny_model("tiny-gpt2", **(settings | overrides))
+
+
+def random_blocks(n: int = 20, seed: int = 0) -> torch.Tensor:
+    """n blocks of TRAIN_SEQ random token ids below TRAIN_VOCAB, int32, from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TRAIN_VOCAB, (n, TRAIN_SEQ), generator=g, dtype=torch.int32)

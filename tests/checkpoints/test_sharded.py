@@ -11,17 +11,15 @@ import qkv
 from qkv.checkpoints.sharded import STATE_DIR, check_complete, recover_unfinished_saves, temp_path
 from qkv.errors import CheckpointError, UsageError
 from qkv.training import BlockLoader, Trainer, TrainingConfig
-from tiny_models import tiny_model
+from tiny_models import TRAIN_SEQ, TRAIN_VOCAB, random_blocks, tiny_trainable_gpt2
 
-VOCAB, SEQ = 64, 16
-tiny_gpt2 = functools.partial(tiny_model, "tiny-gpt2", vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=2,
-                              max_seq_len=SEQ)  # fmt: skip
+VOCAB, SEQ = TRAIN_VOCAB, TRAIN_SEQ
+tiny_gpt2 = functools.partial(tiny_trainable_gpt2, n_layers=2)
 
 
 @pytest.fixture
 def blocks():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, VOCAB, (20, SEQ), generator=g, dtype=torch.int32)
+    return random_blocks()
 
 
 def config(out, **kw):

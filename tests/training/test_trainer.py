@@ -1,6 +1,5 @@
 """The training loop: it learns, resumes bit-exactly, guards against NaN, and records the run."""
 
-import functools
 import json
 import math
 import subprocess
@@ -11,20 +10,18 @@ import torch
 
 import qkv
 from qkv.training import BlockLoader, NonFiniteLossError, Trainer, TrainingConfig
-from tiny_models import tiny_model
+from tiny_models import TRAIN_SEQ, TRAIN_VOCAB, random_blocks, tiny_trainable_gpt2
 
-VOCAB, SEQ = 64, 16
+VOCAB, SEQ = TRAIN_VOCAB, TRAIN_SEQ
 
 
 # One layer, 32 wide: a training step takes milliseconds. (Trainer.train() puts it in train mode.)
-tiny_gpt2 = functools.partial(tiny_model, "tiny-gpt2", vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=1,
-                              max_seq_len=SEQ)  # fmt: skip
+tiny_gpt2 = tiny_trainable_gpt2
 
 
 @pytest.fixture
 def blocks():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, VOCAB, (20, SEQ), generator=g, dtype=torch.int32)
+    return random_blocks()
 
 
 def test_overfits_one_batch(blocks):

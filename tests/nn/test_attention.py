@@ -290,3 +290,24 @@ def test_blocked_prefill_is_taken_only_where_it_applies(monkeypatch):
         scaled_dot_product_attention(q, k, v, causal, dropout_p=0.1)
     scaled_dot_product_attention(q.requires_grad_(), k, v, causal)  # training
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_a_causal_mask_over_more_keys_puts_the_queries_last(dtype, backend):
+    """AttentionMask(is_causal=True) with T < S keys (a chunk after a cache): query i sees keys
+    <= S - T + i, as the explicit mask says, whichever path runs (torch's fused kernel, whose own
+    is_causal would align the queries with the first keys; the C kernel in bfloat16; eager)."""
+    gen = torch.Generator().manual_seed(0)
+    T, S = 24, 80
+    q = torch.randn(1, 4, T, 32, generator=gen).to(dtype)
+    k, v = (torch.randn(1, 2, S, 32, generator=gen).to(dtype) for _ in range(2))
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    bias = torch.zeros(T, S).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        ours, _ = scaled_dot_product_attention(q, k, v, AttentionMask(None, is_causal=True), backend=backend)
+        ref, _ = scaled_dot_product_attention(q.double(), k.double(), v.double(), AttentionMask(bias.double()))
+    tol = 1e-5 if dtype == torch.float32 else 0.02
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="at least as many keys as queries"):
+        scaled_dot_product_attention(q, k[:, :, : T - 1], v[:, :, : T - 1], AttentionMask(None, is_causal=True))

@@ -131,8 +131,9 @@ def test_decoder_rows_equal_eager_rows_and_the_output_stays_the_fast_paths(decod
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "ring"])
 def test_decoder_rows_after_a_cache_index_the_new_tokens(kind):
-    """With 10 tokens cached, rows index the 6 new queries; the keys are what the cache returns (all
-    16; a static cache's 32 slots; a sliding-window ring of 8 slots plus the 6 new)."""
+    """With 10 tokens cached, rows index the 6 new queries; the keys are those the forward attends
+    to (all 16; a static cache's 16 slots written so far, for an eager chunk at consecutive slots;
+    a sliding-window ring of 8 slots plus the 6 new)."""
     if kind == "ring":
         model = tiny_model("tiny-mistral", d_model=48, n_heads=6, n_kv_heads=2, sliding_window=8)
     else:
@@ -148,7 +149,7 @@ def test_decoder_rows_after_a_cache_index_the_new_tokens(kind):
             out = model(ids[:, 10:], cache=cache, output_attentions=True, attention_rows=rows, **pos(10, 16))
         results.append(out)
     full, part = results
-    assert full.attentions[0].shape == (2, 6, 6, {"dynamic": 16, "static": 32, "ring": 14}[kind])
+    assert full.attentions[0].shape == (2, 6, 6, {"dynamic": 16, "static": 16, "ring": 14}[kind])
     assert_rows_equal(full.attentions, part.attentions, [-1, 2])
     assert (part.logits - full.logits).abs().max().item() <= 1e-4
 

@@ -222,3 +222,36 @@ def test_native_kernel_rejects_a_head_dim_it_does_not_take():
     q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"qkv_causal_attention_bf16 failed \(1\)"):
         ca._native(q, q, q, 0.25)
+
+
+def _bottom_right(T, S):
+    """The mask of T queries that are the last T of S positions (query i sees keys <= S - T + i)."""
+    return torch.ones(T, S, dtype=torch.bool).tril(S - T)
+
+
+@native
+@pytest.mark.parametrize("T,S", [(40, 100), (1, 33), (64, 64 + 512), (7, 8)])
+def test_native_kernel_takes_a_chunk_after_cached_keys(T, S):
+    """A prompt's chunk after a KV cache: the queries are the last T of S keys."""
+    gen = torch.Generator().manual_seed(S)
+    q = torch.randn(2, 6, T, 64, generator=gen).mul(2).bfloat16()
+    k, v = (torch.randn(2, 2, S, 64, generator=gen).mul(2).bfloat16() for _ in range(2))
+    allowed = _bottom_right(T, S)
+    with torch.no_grad():
+        assert causal_attention_fits(q, k, 0.0)
+        ours = causal_attention(q, k, v, 0.125)
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.125, enable_gqa=True)
+        exact = F.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=allowed, scale=0.125, enable_gqa=True
+        )
+        # the chunk's rows equal the same rows of a prefill of all S positions (same kernel)
+        whole = causal_attention(torch.cat((torch.zeros(2, 6, S - T, 64).bfloat16(), q), 2), k, v, 0.125)
+    assert (ours.double() - exact).abs().max() <= 2 * (fused.double() - exact).abs().max() + 1e-6
+    assert torch.equal(ours, whole[:, :, S - T :])
+
+
+def test_longer_keys_than_queries_need_the_kernel():
+    q = torch.zeros(1, 2, 8, 16)  # float32: not the kernel's
+    with pytest.raises(ValueError, match=r"or \[B, KV, S > T, hd\] where the C kernel runs"):
+        causal_attention(q, torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16), 0.25)
+    assert not causal_attention_fits(q.bfloat16(), torch.zeros(1, 2, 4, 16).bfloat16(), 0.0)  # fewer keys

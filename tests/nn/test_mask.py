@@ -23,8 +23,8 @@ def allowed_pairs(mask: AttentionMask, B: int, T: int, S: int) -> torch.Tensor:
     if mask.bias is None:
         if not mask.is_causal:
             return torch.ones(B, T, S, dtype=torch.bool)
-        assert T == S, "is_causal is only exact for a square mask"
-        return torch.ones(T, S, dtype=torch.bool).tril().expand(B, T, S)
+        assert T <= S, "is_causal: the T queries are the last T of S keys"
+        return torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(B, T, S)
     assert not mask.is_causal
     bias = mask.bias[:, 0].expand(B, T, S)  # heads differ only by a position bias
     return bias > torch.finfo(bias.dtype).min / 2
@@ -95,13 +95,17 @@ def test_fast_paths_are_taken_when_exact():
     # an all-ones attention mask is no padding; a window wider than the sequence is no window
     ones = torch.ones(1, 6, dtype=torch.long)
     assert build_attention_mask(T, T, causal=True, attention_mask=ones, window=6).is_causal
+    # a prompt's chunk after the keys cached before it: the queries are the last of the keys
+    chunk = build_attention_mask(torch.arange(2, 6), torch.arange(6), causal=True)
+    assert chunk.bias is None and chunk.is_causal
 
 
 @pytest.mark.parametrize(
     ("q_slots", "k_slots", "kwargs"),
     [
         (torch.arange(6), torch.arange(6), {"window": 5}),  # window binds: 5 - 0 >= 5
-        (torch.arange(2, 6), torch.arange(6), {}),  # chunk after a cache: not square
+        (torch.arange(2, 5), torch.arange(6), {}),  # queries that are not the last keys
+        (torch.arange(2, 6), torch.tensor([0, 1, 3, 2, 4, 5]), {}),  # keys out of order
         (torch.arange(6), torch.arange(6), {"attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1]])}),
         (torch.tensor([3]), ring(3, 4, 1), {}),  # an empty ring slot must stay hidden
         (torch.arange(6), torch.arange(6), {"position_bias": torch.zeros(1, 2, 6, 6)}),

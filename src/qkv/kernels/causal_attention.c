@@ -1,6 +1,8 @@
 /* Causal self-attention over a bfloat16 prompt (a prefill) in one call, on AVX-512 BF16.
 
-   q and out [B, H, T, hd], k and v [B, KV, T, hd]: bfloat16, each with its own strides (in elements,
+   q and out [B, H, T, hd], k and v [B, KV, S, hd] with S >= T: the T queries are the last T of the
+   S positions (query t sits at S - T + t and sees keys 0 .. S - T + t: a prompt's chunk after the
+   ones already in a KV cache). bfloat16, each with its own strides (in elements,
    for the sequence, head and position; each row of hd contiguous), so that the heads of a fused
    projection are read, and the output written in the [B, T, H, hd] order the output projection
    reads, without copies. KV divides H (query heads h = kv * G .. kv * G + G - 1 share kv head kv);
@@ -138,12 +140,12 @@ static void softmax_row(float *s, int64_t last, uint16_t *w, int64_t n) {
 }
 
 int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B,
-                              int64_t H, int64_t KV, int64_t T, int64_t hd, const int64_t *strides, float scale,
-                              int threads) {
+                              int64_t H, int64_t KV, int64_t T, int64_t S, int64_t hd, const int64_t *strides,
+                              float scale, int threads) {
     /* strides: q's, k's, v's and out's (sequence, head, position) strides, in that order */
     const int64_t *sq = strides, *sk = strides + 3, *sv = strides + 6, *so = strides + 9;
-    if (B <= 0 || T <= 0 || KV <= 0 || H % KV || hd <= 0 || hd % 32 || threads < 1) return 1;
-    const int64_t G = H / KV, pairs = hd / 2, padded = (T + KEYS - 1) / KEYS * KEYS;
+    if (B <= 0 || T <= 0 || S < T || KV <= 0 || H % KV || hd <= 0 || hd % 32 || threads < 1) return 1;
+    const int64_t G = H / KV, pairs = hd / 2, padded = (S + KEYS - 1) / KEYS * KEYS, offset = S - T;
     const int64_t tiles = (T + ROWS - 1) / ROWS;
     /* per (sequence, kv head): K as [padded / 16][pairs][16][2], V as [padded / 2][hd][2] */
     uint16_t *kp = malloc(sizeof(uint16_t) * (size_t)(B * KV * padded * hd));
@@ -167,10 +169,10 @@ int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16
                 uint16_t *kt = kpb + (key / 16) * pairs * 32 + (key % 16) * 2;
                 uint16_t *vt = vpb + (key / 2) * hd * 2 + key % 2;
                 for (int64_t p = 0; p < pairs; p++) {
-                    kt[p * 32] = key < T ? kb[key * sk[2] + 2 * p] : 0;
-                    kt[p * 32 + 1] = key < T ? kb[key * sk[2] + 2 * p + 1] : 0;
+                    kt[p * 32] = key < S ? kb[key * sk[2] + 2 * p] : 0;
+                    kt[p * 32 + 1] = key < S ? kb[key * sk[2] + 2 * p + 1] : 0;
                 }
-                for (int64_t d = 0; d < hd; d++) vt[d * 2] = key < T ? vb[key * sv[2] + d] : 0;
+                for (int64_t d = 0; d < hd; d++) vt[d * 2] = key < S ? vb[key * sv[2] + d] : 0;
             }
         }
 #pragma omp for schedule(dynamic, 1)
@@ -181,7 +183,7 @@ int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16
             const uint16_t *qb = q + b * sq[0] + h * sq[1];
             uint16_t *ob = out + b * so[0] + h * so[1];
             const int64_t t0 = tile * ROWS, rows = T - t0 < ROWS ? T - t0 : ROWS;
-            const int64_t keys = (t0 + rows + KEYS - 1) / KEYS * KEYS; /* keys this tile reads, padded */
+            const int64_t keys = (offset + t0 + rows + KEYS - 1) / KEYS * KEYS; /* keys this tile reads, padded */
             const uint16_t *qrow[ROWS + 8];
             uint16_t *orow[ROWS + 8];
             for (int64_t r = 0; r < ROWS + 8; r++) {
@@ -191,10 +193,10 @@ int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16
             }
             for (int64_t r = 0; r < rows; r += 8)
                 scores8(qrow + r, kp + bk * padded * hd, hd, keys, scale, s + r * padded, padded);
-            for (int64_t r = 0; r < rows; r++) softmax_row(s + r * padded, t0 + r, w + r * padded, keys);
+            for (int64_t r = 0; r < rows; r++) softmax_row(s + r * padded, offset + t0 + r, w + r * padded, keys);
             for (int64_t r = rows; r < (rows + 7) / 8 * 8; r++) memset(w + r * padded, 0, sizeof(uint16_t) * (size_t)keys);
             for (int64_t r = 0; r < rows; r += 8) {
-                const int64_t last = t0 + (r + 8 < rows ? r + 8 : rows) - 1; /* the group's last position */
+                const int64_t last = offset + t0 + (r + 8 < rows ? r + 8 : rows) - 1; /* the group's last position */
                 weighted8(w + r * padded, padded, vp + bk * padded * hd, hd, (last + 2) / 2, orow + r);
             }
         }
@@ -208,10 +210,10 @@ int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16
 }
 #else
 int qkv_causal_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B,
-                              int64_t H, int64_t KV, int64_t T, int64_t hd, const int64_t *strides, float scale,
-                              int threads) {
-    (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)KV, (void)T, (void)hd, (void)strides, (void)scale,
-        (void)threads;
+                              int64_t H, int64_t KV, int64_t T, int64_t S, int64_t hd, const int64_t *strides,
+                              float scale, int threads) {
+    (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)KV, (void)T, (void)S, (void)hd, (void)strides,
+        (void)scale, (void)threads;
     return 2;
 }
 #endif

@@ -236,6 +236,15 @@ class TransformerStack(nn.Module):
             position_ids = q_slots.expand(B, T)
         x = inputs_embeds if inputs_embeds is not None else self.embed(input_ids, position_ids, token_type_ids)
         inputs = AttentionInputs(cache=cache, input_pos=input_pos, need_weights=output_attentions)
+        static_mask = static  # a dense mask of fixed shape: what a compiled step over a static cache needs
+        if static and T > 1 and input_pos.dim() == 1 and not torch.compiler.is_compiling():
+            # An eager prompt chunk written at consecutive slots of a static cache attends to the
+            # slots written so far only: the causal mask would hide the rest, and without them the
+            # chunk gets the causal kernels instead of a dense mask over the whole buffer.
+            start = int(input_pos[0])
+            if torch.equal(input_pos, torch.arange(start, start + T, device=input_pos.device)):
+                inputs.key_limit, static_mask = start + T, False
+                k_slots = k_slots[: start + T]
         if attention_rows is not None or attention_layers is not None:
             self._select_weights(inputs, T, device, attention_rows, attention_layers)
         position_bias = None
@@ -246,7 +255,7 @@ class TransformerStack(nn.Module):
         # One mask for all layers; every layer of a stack shares the same window.
         inputs.masks["sliding" if cfg.sliding_window else "full"] = build_attention_mask(
             q_slots, k_slots, causal=self.causal, attention_mask=attention_mask, window=cfg.sliding_window,
-            position_bias=position_bias, dtype=x.dtype, static=static,
+            position_bias=position_bias, dtype=x.dtype, static=static_mask,
         )  # fmt: skip
         if self.rope is not None:
             cos, sin = self.rope(position_ids, x.dtype)  # (B, 1, T, rot)

@@ -119,6 +119,10 @@ def _sdpa(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_wei
         return _single_query(q, k, v, mask, scale), None
     if mask.is_causal and mask.bias is None and causal_attention_fits(q, k, dropout_p):
         return causal_attention(q, k, v, scale), None  # a half-precision prefill or training step on CPU
+    T, S = q.shape[2], k.shape[2]
+    if mask.is_causal and T != S:  # torch's is_causal aligns the queries with the first keys, ours the last
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        mask = AttentionMask(torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf")))
     bias = mask.bias.to(q.dtype) if mask.bias is not None else None
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout_p, is_causal=mask.is_causal, scale=scale,
@@ -153,10 +157,10 @@ def scaled_dot_product_attention(
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if mask is not None and mask.is_causal and q.shape[2] != k.shape[2]:
+    if mask is not None and mask.is_causal and q.shape[2] > k.shape[2]:
         raise ValueError(
-            f"AttentionMask(is_causal=True) needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}; "
-            "build the mask with build_attention_mask, which aligns the queries to the last keys"
+            f"AttentionMask(is_causal=True) needs at least as many keys as queries (the queries are the last "
+            f"of the keys), got {q.shape[2]} queries and {k.shape[2]} keys; build the mask with build_attention_mask"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = mask or AttentionMask(None)
@@ -185,6 +189,7 @@ class AttentionInputs:
     need_weights: bool = False
     weight_rows: torch.Tensor | None = None  # [R] query rows in [0, T) whose weights alone are returned
     weight_layers: frozenset[int] | None = None  # layer indices that return weights (None: all)
+    key_limit: int | None = None  # attend to a static cache's first key_limit slots only (a prompt chunk)
 
     def wants_weights(self, layer_idx: int) -> bool:
         """Whether the layer `layer_idx` returns attention weights in this forward."""
@@ -257,6 +262,8 @@ class Attention(nn.Module):
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v, inputs.input_pos)  # (B, KV, S, hd)
+                if inputs.key_limit is not None:
+                    k, v = k[:, :, : inputs.key_limit], v[:, :, : inputs.key_limit]
         mask = inputs.mask("cross" if self.cross else self.kind)
         out, weights = scaled_dot_product_attention(
             q, k, v, mask, scale=self.scale, dropout_p=self.attn_dropout if self.training else 0.0,

@@ -57,19 +57,22 @@ NATIVE_MAX_TOKENS = 16384
 
 def causal_attention_fits(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
     """Whether `causal_attention` should run a causal self-attention over q [B, H, T, hd] and
-    k [B, KV, T, hd] on CPU in bfloat16 without dropout: either a training step (gradients
-    wanted) with as many key as query heads whose kept weights stay under MAX_SAVED_BYTES, or a
-    prefill (no gradients) of PREFILL_MIN_TOKENS to PREFILL_MAX_TOKENS tokens."""
+    k [B, KV, S, hd] on CPU in bfloat16 without dropout: either a training step (gradients
+    wanted, S == T) with as many key as query heads whose kept weights stay under
+    MAX_SAVED_BYTES, or a prefill (no gradients): in the C kernel up to NATIVE_MAX_TOKENS keys,
+    the queries being the last T of S (a chunk after a KV cache's keys); else in the torch blocks
+    for S == T from PREFILL_MIN_TOKENS to PREFILL_MAX_TOKENS tokens."""
     B, H, T, _ = q.shape
+    S = k.shape[2]
     if not (q.device.type == "cpu" and q.dtype in DTYPES and dropout_p == 0.0):
         return False
-    if k.shape[2] != T or H % k.shape[1]:
+    if S < T or H % k.shape[1]:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return k.shape[1] == H and B * H * T * (T + BLOCK) // 2 * q.element_size() <= MAX_SAVED_BYTES
+        return S == T and k.shape[1] == H and B * H * T * (T + BLOCK) // 2 * q.element_size() <= MAX_SAVED_BYTES
     if _native_fits(q):
-        return T <= NATIVE_MAX_TOKENS
-    return PREFILL_MIN_TOKENS <= T <= PREFILL_MAX_TOKENS
+        return S <= NATIVE_MAX_TOKENS
+    return S == T and PREFILL_MIN_TOKENS <= T <= PREFILL_MAX_TOKENS
 
 
 def _native_fits(q: torch.Tensor) -> bool:
@@ -141,7 +144,7 @@ class _BlockCausalAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-_NATIVE_ARGS = (ctypes.c_void_p,) * 4 + (ctypes.c_int64,) * 5 + (ctypes.c_void_p, ctypes.c_float, ctypes.c_int)
+_NATIVE_ARGS = (ctypes.c_void_p,) * 4 + (ctypes.c_int64,) * 6 + (ctypes.c_void_p, ctypes.c_float, ctypes.c_int)
 
 
 @functools.cache
@@ -157,14 +160,15 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
     The kernel reads q, k and v through their strides (a fused projection's heads are views) and
     writes the output as [B, T, H, hd] memory, returned as the [B, H, T, hd] view of it, so that
-    the output projection's `transpose(1, 2).reshape` copies nothing."""
+    the output projection's `transpose(1, 2).reshape` copies nothing. k and v may hold more
+    positions than q (S >= T): the queries are then the last T of them."""
     B, H, T, hd = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(B, T, H, hd, dtype=q.dtype, device=q.device).transpose(1, 2)
     strides = (ctypes.c_int64 * 12)(*(s for t in (q, k, v, out) for s in t.stride()[:3]))
     fn = kernels.function("causal_attention", "qkv_causal_attention_bf16", _NATIVE_ARGS)
     code = fn(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, k.shape[1], T, hd, strides, scale,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, k.shape[1], T, k.shape[2], hd, strides, scale,
         torch.get_num_threads(),
     )  # fmt: skip
     if code:
@@ -178,13 +182,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     The same result as `F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
     enable_gqa=True)` to the inputs' rounding; see the module docstring for when it is faster.
+    Where the C kernel runs (no gradients, `causal_attention_fits`), k and v may hold S > T
+    positions: the queries are then the last T (a prompt's chunk after a KV cache).
     """
-    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
-        raise ValueError(
-            f"causal_attention needs q [B, H, T, hd] and k, v [B, KV, T, hd], got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    longer_keys = not grad and _native_fits(q) and k.dim() == 4 and k.shape[2] > q.shape[2]
+    if (
+        q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]
+        or (k.shape[2] != q.shape[2] and not longer_keys)
+    ):  # fmt: skip
+        raise ValueError(
+            f"causal_attention needs q [B, H, T, hd] and k, v [B, KV, T, hd] (or [B, KV, S > T, hd] where the "
+            f"C kernel runs), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[1] % k.shape[1] or (grad and k.shape[1] != q.shape[1]):
         raise ValueError(
             f"causal_attention: {q.shape[1]} query heads over {k.shape[1]} key/value heads; "

@@ -18,7 +18,8 @@ import torch
 class AttentionMask:
     """What every layer of one kind needs: an additive bias [B|1, H|1, T, S] and/or a causal flag.
 
-    `bias is None and not is_causal` means every query sees every key.
+    `bias is None and not is_causal` means every query sees every key; `is_causal` with T queries
+    and S >= T keys means the queries are the last T positions (query i sees keys <= S - T + i).
     """
 
     bias: torch.Tensor | None
@@ -65,6 +66,12 @@ def build_attention_mask(
             return AttentionMask(None, is_causal=True)
         if bool((k_slots <= q_slots.min()).all()):
             return AttentionMask(None)  # e.g. one new token after a cache: it sees everything
+        if (
+            T < S
+            and torch.equal(k_slots, torch.arange(S, device=k_slots.device))
+            and torch.equal(q_slots, k_slots[S - T :])
+        ):
+            return AttentionMask(None, is_causal=True)  # a prompt's chunk after the keys cached before it
     allowed = (k_slots >= 0)[None, :].expand(T, S)  # -1 marks an empty ring slot
     if causal:
         allowed = allowed & (k_slots[None, :] <= q_slots[:, None])

@@ -121,3 +121,11 @@ def rope_follows_length(cfg: ModelConfig, length: int) -> bool:
     base than the queries that read them (one forward gives every position the same base, as
     transformers does)."""
     return (cfg.rope_scaling or {}).get("type") == "dynamic" and length > cfg.max_seq_len
+
+
+def prompt_spans(cfg: ModelConfig, length: int, chunk: int | None) -> list[tuple[int, int]]:
+    """The [start, end) spans a prompt of `length` tokens is prefilled in, `chunk` tokens per
+    forward: one span where `chunk` is None or the model's RoPE follows the forward's length."""
+    if chunk is None or rope_follows_length(cfg, length):
+        return [(0, length)]
+    return [(start, min(length, start + chunk)) for start in range(0, length, chunk)]

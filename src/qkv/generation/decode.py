@@ -17,7 +17,7 @@ import torch
 from qkv.cache import KVCache
 from qkv.errors import UsageError
 from qkv.generation.constrained import JsonSchemaProcessor
-from qkv.generation.context import describe_context, rope_follows_length
+from qkv.generation.context import describe_context, prompt_spans
 from qkv.generation.options import GenerationConfig
 from qkv.generation.processors import LogitsProcessor, build_processors
 from qkv.generation.sampling import sample_next_token
@@ -49,7 +49,7 @@ def prefill(
     all at once): each chunk attends to the cache and to itself, so the prefill's activations
     grow with the chunk and only its attention scores [chunk, T] with the prompt, and logits are
     computed for the last position only. A prompt past a dynamic-NTK model's trained length runs
-    in one forward (`rope_follows_length`). An encoder-decoder encodes the prompt into the cache's
+    in one forward (`prompt_spans`). An encoder-decoder encodes the prompt into the cache's
     cross-attention context and continues [decoder_start_token_id].
     """
     if is_encoder_decoder(model):
@@ -57,11 +57,7 @@ def prefill(
         prefix = model.decoder_start_ids(input_ids.shape[0])
         return model.decode(prefix, cache, logits_to_keep=1)[:, -1], prefix
     position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
-    T = input_ids.shape[1]
-    if rope_follows_length(model.config, T):
-        chunk = None
-    for start in range(0, T, chunk or T):
-        end = min(T, start + (chunk or T))
+    for start, end in prompt_spans(model.config, input_ids.shape[1], chunk):
         mask = attention_mask[:, :end] if attention_mask is not None else None  # [B, past + chunk]
         positions = position_ids[:, start:end] if position_ids is not None else None
         logits = model.decode(input_ids[:, start:end], cache, mask, positions, logits_to_keep=1)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qkv.cache import KVCache
-from qkv.generation.context import rope_follows_length
+from qkv.generation.context import prompt_spans
 
 
 def static_logits(model: torch.nn.Module, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache):
@@ -173,11 +173,7 @@ class StaticStep:
         """Write the prompt [B, T] at slots 0..T-1, `chunk` tokens per forward (None: all at once;
         see `qkv.generation.decode.prefill`), eagerly: one shape per prompt length would otherwise
         compile a graph each. Return the last position's logits [B, V]."""
-        T = input_ids.shape[1]
-        if rope_follows_length(self.model.config, T):
-            chunk = None
-        for start in range(0, T, chunk or T):
-            end = min(T, start + (chunk or T))
+        for start, end in prompt_spans(self.model.config, input_ids.shape[1], chunk):
             positions = torch.arange(start, end, device=input_ids.device)
             logits = self.model.decode(input_ids[:, start:end], cache, input_pos=positions, logits_to_keep=1)
         return logits[:, -1]

@@ -61,6 +61,12 @@ def attention_weights(
     return out
 
 
+def _causal_allowed(rows: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """[R, S]: the keys that query rows `rows` of a causal mask see, the T queries being the last
+    T of the S keys (query t sees keys <= S - T + t)."""
+    return torch.arange(S, device=rows.device)[None, :] <= (rows + (S - T))[:, None]
+
+
 def _weight_rows(q, k, mask: AttentionMask, scale: float, rows: torch.Tensor, all_rows: bool = False):
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -71,8 +77,8 @@ def _weight_rows(q, k, mask: AttentionMask, scale: float, rows: torch.Tensor, al
     if mask.bias is not None:
         bias = mask.bias  # (B|1, H|1, T|1, S)
         scores = scores + (bias if all_rows or bias.shape[-2] == 1 else bias[:, :, rows])
-    if mask.is_causal:  # the T queries are the last T of the S keys
-        allowed = torch.arange(S, device=q.device)[None, :] <= (rows + (S - T))[:, None]  # (R, S)
+    if mask.is_causal:
+        allowed = _causal_allowed(rows, T, S)  # (R, S)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return scores.softmax(dim=-1).to(q.dtype)
 
@@ -121,7 +127,7 @@ def _sdpa(q, k, v, mask: AttentionMask, scale: float, dropout_p: float, need_wei
         return causal_attention(q, k, v, scale), None  # a half-precision prefill or training step on CPU
     T, S = q.shape[2], k.shape[2]
     if mask.is_causal and T != S:  # torch's is_causal aligns the queries with the first keys, ours the last
-        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        allowed = _causal_allowed(torch.arange(T, device=q.device), T, S)
         mask = AttentionMask(torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf")))
     bias = mask.bias.to(q.dtype) if mask.bias is not None else None
     out = F.scaled_dot_product_attention(
